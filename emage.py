@@ -1,0 +1,726 @@
+"""Emage: the non-autoregressive text-to-image generator and every algorithm of Section 3.
+
+Read this file beside Section 3 of the paper ("Emage: Non-Autoregressive Text-to-Image
+Generation", Feng et al.). A caption X is read once by a CLIP text Transformer; a
+Transformer decoder over the n image tokens Y of a VQGAN (with an extra [mask] id)
+cross-attends to it and predicts a distribution over the codebook at every position.
+
+    Emage(config).loss(text_tokens, image_tokens, variant)   training, Fig. 2 (a)-(d) and Algorithm 2
+    Emage(config).generate(text_tokens, steps=16, ...)       inference, Algorithms 1 and 3
+    save_checkpoint(model, dir, ...), load_checkpoint(dir)  config.json + model.safetensors
+
+The variants (Fig. 2) and the inference algorithm each is decoded with:
+
+    variant   training                                              inference
+    "full"    every position masked, one pass (Section 3.1)         one pass ("full")
+    1         mask k ~ U(0, n] positions, predict them (3.2)        Algorithm 1
+    2         pass 1 fills the masked positions -> Y_mix, then #1   Algorithm 1
+              on Y_mix (3.3)
+    3         Algorithm 2: pass 1 predicts all -> Y_pred, re-mask   Algorithm 3
+              -> Y_obs, pass 2 predicts all, loss on all (3.4)
+    "ar"      causal decoder, next-token cross-entropy (baseline)   token by token ("ar")
+
+The decoding loop is built from pure tensor functions (`mask_schedule`, `commit_counts`,
+`sample_tokens`, `gumbel_confidence`, `guided_logits`, `commit_algorithm1`,
+`commit_algorithm3`) around two model calls, `encode_text` (once per caption) and
+`round_logits` (once per round), so that another runtime (ONNX Runtime, `export_onnx.py`)
+can replay it exactly. No random op runs inside the model: every random number is drawn
+on the host from one `torch.Generator` in this fixed order, B' = rows of the output batch:
+
+    generate, rounds t = 1..T:  u_token[B', n], then u_confidence[B', n]        (per round)
+    generate, "ar":             u_token[B', n] once; column i samples token i
+    loss:                       caption-dropout u[B] (if p > 0), then per masking: u_ratio[B],
+                                u_position[B, n]; pass-1 sampling u[B, n] (pass1="sample")
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip_text import TextConfig, TextEncoder
+
+
+class EmageError(ValueError):
+    """A user error in this module: an unknown variant, a bad argument, an unreadable checkpoint."""
+
+
+VARIANTS = ("full", 1, 2, 3, "ar")  # the models of Fig. 2 (a)-(d) and the autoregressive baseline
+ALGORITHMS = ("full", 1, 3, "ar")  # inference procedures
+DEFAULT_ALGORITHM = {"full": "full", 1: 1, 2: 1, 3: 3, "ar": "ar"}  # Section 3.3: #2 decodes like #1
+SCHEDULES = ("linear", "cosine")
+
+
+def parse_variant(value) -> str | int:
+    """'1' / 1 -> 1, 'full' -> 'full', ...: the form command lines and config.json give."""
+    v = int(value) if isinstance(value, str) and value.isdigit() else value
+    if v not in VARIANTS:
+        raise EmageError(f"unknown variant {value!r}; choose one of full, 1, 2, 3, ar")
+    return v
+
+
+def parse_algorithm(value) -> str | int:
+    v = int(value) if isinstance(value, str) and value.isdigit() else value
+    if v not in ALGORITHMS:
+        raise EmageError(f"unknown algorithm {value!r}; choose one of full, 1, 3, ar")
+    return v
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmageConfig:
+    text: TextConfig = field(default_factory=TextConfig.shapes)  # the CLIP text encoder (X -> states)
+    codebook_size: int = 512  # VQGAN codes K; the [mask] id is K (one extra input embedding)
+    grid: tuple[int, int] = (8, 8)  # image token grid (h, w); n = h * w tokens (paper: 32 x 32 = 1024)
+    width: int = 256  # decoder hidden size (paper: 768)
+    layers: int = 4  # decoder blocks (paper: 12)
+    heads: int = 4  # decoder attention heads; width must be divisible by heads
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+    train_schedule: str = "linear"  # tau() used to draw training mask ratios; Section 4.7: linear trains best
+    pass1: str = "argmax"  # how passes 1 of #2 / #3 turn logits into tokens: "argmax" or "sample" (see loss)
+    pass1_grad: bool = False  # let gradients reach pass 1 (straight-through); default off (see loss)
+    caption_dropout: float = 0.0  # probability of training on the empty caption (for guidance); paper: 0
+
+    @property
+    def n(self) -> int:
+        """Number of image tokens per image."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def mask_id(self) -> int:
+        """The [mask] token: one past the last VQGAN code."""
+        return self.codebook_size
+
+    @classmethod
+    def paper(cls) -> "EmageConfig":
+        """Section 4: CLIP ViT-L/14 text tower (12 layers, 768), 12-layer decoder of width 768,
+        32 x 32 = 1024 tokens of the Gumbel VQGAN's 8192 codes.
+
+        Parameters: 249.6M (text encoder 123.1M, decoder 126.5M), counted with
+        `sum(p.numel() for p in Emage(EmageConfig.paper()).parameters())`. The paper reports
+        346M (Tables 3, 4) without a breakdown; the gap (~96M) is about what 8 more
+        768-wide blocks would add, so the paper's count may include parts it does not
+        describe (for instance a deeper decoder or untied extra heads). We follow the text:
+        12 + 12 layers, hidden 768.
+        """
+        return cls(
+            text=TextConfig.vit_l14(),
+            codebook_size=8192,
+            grid=(32, 32),
+            width=768,
+            layers=12,
+            heads=12,
+        )
+
+    @classmethod
+    def shapes(cls, codebook_size: int = 512, grid: tuple[int, int] = (8, 8)) -> "EmageConfig":
+        """The shapes world (SHAPES.md): small enough to train on a 2-core CPU."""
+        return cls(text=TextConfig.shapes(), codebook_size=codebook_size, grid=tuple(grid))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmageConfig":
+        d = dict(d)
+        try:
+            text = TextConfig(**d.pop("text"))
+            d["grid"] = tuple(d["grid"])
+            return cls(text=text, **d)
+        except (KeyError, TypeError) as e:
+            raise EmageError(f"config.json does not describe an EmageConfig ({e}); was it written by save_checkpoint?")
+
+
+def _check_config(c: EmageConfig) -> None:
+    if c.width % c.heads:
+        raise EmageError(f"decoder width {c.width} is not divisible by heads {c.heads}; pick another pair")
+    if c.train_schedule not in SCHEDULES:
+        raise EmageError(f"unknown train_schedule {c.train_schedule!r}; choose linear or cosine")
+    if c.pass1 not in ("argmax", "sample"):
+        raise EmageError(f"unknown pass1 {c.pass1!r}; choose argmax or sample")
+    if not 0.0 <= c.caption_dropout < 1.0:
+        raise EmageError(f"caption_dropout must be in [0, 1), got {c.caption_dropout}")
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions: schedules, masking, sampling, committing (no randomness inside)
+# ----------------------------------------------------------------------------------------
+
+
+def mask_schedule(name: str, r):
+    """tau(r): the fraction of image tokens KEPT (unmasked) at progress r in [0, 1].
+
+    linear: tau(r) = r.  cosine: tau(r) = 1 - cos(pi r / 2), concave in the paper's sense
+    (Section 3.2): few tokens are committed early and many late; tau(0) = 0, tau(1) = 1.
+    Works on floats and on tensors.
+    """
+    if name == "linear":
+        return r
+    if name == "cosine":
+        return 1 - (torch.cos(r * (math.pi / 2)) if torch.is_tensor(r) else math.cos(r * math.pi / 2))
+    raise EmageError(f"unknown schedule {name!r}; choose linear or cosine")
+
+
+def commit_counts(name: str, steps: int, n: torch.Tensor) -> torch.Tensor:
+    """Tokens committed after each round: counts[t - 1, b] = floor(tau(t / T) * n_b).
+
+    Algorithms 1 and 3, line 4: after round t, Y_obs holds floor(tau(t/T) n) tokens. Two
+    guards the paper leaves implicit: every round commits at least one more token than the
+    round before (where tokens are left), so no round is wasted at small n or large T, and
+    round T commits all n (1 - cos(pi/2) is not exactly 1 in floating point).
+    n: LongTensor[B] (or an int) of positions to fill; returns LongTensor[T, B].
+    """
+    if steps < 1:
+        raise EmageError(f"steps must be at least 1, got {steps}")
+    n = torch.as_tensor(n, dtype=torch.long).reshape(-1)  # (B,)
+    counts, prev = [], torch.zeros_like(n)
+    for t in range(1, steps + 1):
+        c = torch.floor(mask_schedule(name, t / steps) * n.double() + 1e-9).long()  # line 4
+        c = torch.minimum(torch.maximum(c, prev + 1), n)
+        if t == steps:
+            c = n
+        counts.append(c)
+        prev = c
+    return torch.stack(counts)  # (T, B)
+
+
+def random_mask(u_ratio: torch.Tensor, u_position: torch.Tensor, schedule: str) -> torch.Tensor:
+    """Training masks: True at k positions per row, k ~ U(0, n] through the schedule.
+
+    Algorithm 2, lines 3-4 (and Sections 3.2, 3.3): the masked fraction is 1 - tau(u) with
+    u = u_ratio ~ U[0, 1), i.e. U(0, 1] for the linear schedule, and k = ceil(fraction * n).
+    Patch: the paper writes k = floor(r |Y|) with r ~ U(0, 1]; floor gives k = 0 (a row
+    with nothing to learn for #1) with probability ~1/n and k = n (the first inference
+    round) with probability 0, while ceil makes k exactly uniform on {1, ..., n}.
+    The k positions are those with the smallest u_position (a uniformly random subset).
+    u_ratio: [B], u_position: [B, n], both uniform in [0, 1); returns BoolTensor[B, n].
+    """
+    n = u_position.shape[-1]
+    k = torch.ceil((1 - mask_schedule(schedule, u_ratio)) * n).long().clamp(1, n)  # (B,)
+    rank = u_position.argsort(-1).argsort(-1)  # (B, n): 0 for the smallest noise
+    return rank < k[:, None]
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0):
+    """Draw one token per position from softmax(logits / temperature) by inverse CDF.
+
+    logits: [B, n, K]; u: [B, n] uniform in [0, 1). Returns (tokens[B, n] long, their
+    probabilities[B, n]), the P_obs of Algorithms 1 and 3, line 3. temperature 0 is argmax.
+    The inverse CDF (count the cumulative probabilities below u) keeps the sampling free of
+    random ops, so the same u gives the same token in every runtime.
+    """
+    probs = F.softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # (B, n, K)
+    if temperature == 0:
+        p, tokens = probs.max(-1)
+        return tokens, p
+    cdf = probs.cumsum(-1)  # (B, n, K)
+    target = u[..., None] * cdf[..., -1:]  # (B, n, 1)
+    tokens = (cdf < target).sum(-1).clamp(max=logits.shape[-1] - 1)  # (B, n)
+    return tokens, probs.gather(-1, tokens[..., None])[..., 0]
+
+
+def gumbel_confidence(probs: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+    """Ranking score log p + scale * Gumbel noise, Gumbel = -log(-log u).
+
+    Section 4: candidates per caption differ by "adding gumbel noise to model predicted
+    probabilities when selecting which positions to unmask". generate() anneals the scale
+    linearly to 0 over the rounds (as MaskGIT does), so late rounds follow the model.
+    """
+    g = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    return torch.log(probs.clamp_min(1e-30)) + scale * g
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (beyond the paper, as Muse and aMUSEd do): scale 1 is `cond`."""
+    return uncond + scale * (cond - uncond)
+
+
+def _top_count(confidence: torch.Tensor, committed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """True at the `count` highest-ranked positions per row; committed positions rank first.
+
+    Line 5 of Algorithms 1 and 3 sets P_obs of committed tokens to one so they are always
+    among the kept; with Gumbel noise on the scores "one" must beat any score, hence +inf.
+    """
+    score = torch.where(committed, torch.full_like(confidence, float("inf")), confidence)
+    rank = torch.sort(score, dim=-1, descending=True, stable=True).indices.argsort(-1)  # (B, n): 0 = best
+    return rank < count[:, None]
+
+
+def commit_algorithm1(tokens, committed, sampled, confidence, count, mask_id: int):
+    """Algorithm 1, lines 4-5: keep the top `count` tokens; committed tokens never change.
+
+    tokens[B, n] is Y_obs; committed[B, n] marks its non-[mask] tokens (P_obs = 1);
+    sampled/confidence[B, n] are this round's predictions and scores; count[B] is
+    floor(tau(t/T) n). Returns the new (tokens, committed).
+    """
+    keep = _top_count(confidence, committed, count)  # line 4 (committed first: line 5)
+    new = torch.where(keep, sampled, torch.full_like(tokens, mask_id))
+    return torch.where(committed, tokens, new), keep  # past tokens stay as they were
+
+
+def commit_algorithm3(tokens, committed, fixed, sampled, confidence, count, mask_id: int):
+    """Algorithm 3, lines 3-5: every kept position takes this round's prediction.
+
+    Previously committed positions stay unmasked (line 5, P_obs = 1) but their values are
+    replaced by the new predictions (Section 3.4: "we use newly predicted image tokens to
+    update the values"); new positions are committed by confidence (line 4). `fixed` marks
+    tokens given by the caller (editing) that never change.
+    """
+    keep = _top_count(confidence, committed, count)  # line 4 (committed first: line 5)
+    new = torch.where(keep, sampled, torch.full_like(tokens, mask_id))  # revise + fill
+    return torch.where(fixed, tokens, new), keep
+
+
+# ----------------------------------------------------------------------------------------
+# The decoder
+# ----------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over image tokens; bidirectional (NAR) or causal (AR), with
+    an optional key/value cache for token-by-token AR decoding."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool, cache: dict | None) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, S, hd)
+        if cache is not None:  # AR decoding: one new query attends to every earlier position
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, h, S', hd)
+            cache["k"], cache["v"] = k, v
+            causal = False  # S == 1: the cache holds only the past
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, S, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the caption's states; keys/values come precomputed (once per caption)."""
+
+    def __init__(self, width: int, text_width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(text_width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def keys_values(self, states: torch.Tensor) -> torch.Tensor:
+        B, L, _ = states.shape
+        D = self.proj.out_features
+        return self.kv(states).view(B, L, 2, self.heads, D // self.heads).permute(0, 2, 3, 1, 4)  # (B, 2, h, L, hd)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q = self.q(x).view(B, S, self.heads, D // self.heads).transpose(1, 2)  # (B, h, S, hd)
+        y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=text_mask)  # (B, h, S, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm decoder block: self-attention, cross-attention to the text, MLP."""
+
+    def __init__(self, width: int, text_width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.cross = CrossAttention(width, text_width, heads)
+        self.ln_3 = nn.LayerNorm(width)
+        hidden = int(mlp_ratio * width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x, kv, text_mask, causal: bool, cache: dict | None):
+        x = x + self.attn(self.ln_1(x), causal, cache)
+        x = x + self.cross(self.ln_2(x), kv, text_mask)
+        return x + self.mlp(self.ln_3(x))
+
+
+class Emage(nn.Module):
+    """Encoder-decoder generator: CLIP text encoder + Transformer decoder over image tokens.
+
+    `variant` records what the model was trained as (set by load_checkpoint, or by the
+    caller); generate() picks its default algorithm from it, Algorithm 3 when unknown.
+    """
+
+    def __init__(self, config: EmageConfig, variant=None):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.variant = None if variant is None else parse_variant(variant)
+        c = config
+        self.text_encoder = TextEncoder(c.text)
+        self.tok_emb = nn.Embedding(c.codebook_size + 1, c.width)  # codes + [mask]
+        self.pos_emb = nn.Parameter(torch.zeros(c.n, c.width))  # learned positions
+        self.blocks = nn.ModuleList(Block(c.width, c.text.width, c.heads, c.mlp_ratio) for _ in range(c.layers))
+        self.ln_f = nn.LayerNorm(c.width)
+        self.head = nn.Linear(c.width, c.codebook_size)  # logits over codes only: [mask] is never predicted
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
+        for name, p in self.named_parameters():
+            if name.startswith("text_encoder."):
+                continue  # CLIP's own initialisation, or its pretrained weights
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * self.config.layers) if name.endswith("proj.weight") or ".mlp.2." in name else 0.02
+                nn.init.normal_(p, std=std)
+        for block in self.blocks:
+            for ln in (block.ln_1, block.ln_2, block.ln_3):
+                nn.init.ones_(ln.weight)
+        nn.init.ones_(self.ln_f.weight)
+
+    # -- text -------------------------------------------------------------------------------
+
+    def empty_caption(self, batch: int, length: int, device=None) -> torch.Tensor:
+        """The empty caption [sot, eot, 0, ...]: CLIP's start and end ids are the two largest."""
+        tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+        tokens[:, 0] = self.config.text.vocab_size - 2
+        tokens[:, 1] = self.config.text.vocab_size - 1
+        return tokens
+
+    def encode_text(self, text_tokens: torch.Tensor):
+        """Run the text encoder once and compute every decoder layer's cross-attention keys/values.
+
+        text_tokens: [B, L]. Returns (text_kv[B, layers, 2, heads, L, head_dim],
+        text_mask[B, 1, 1, L] bool, True at the caption's tokens up to its end token).
+        """
+        if text_tokens.dim() != 2:
+            raise EmageError(f"text tokens must be [batch, length], got shape {tuple(text_tokens.shape)}")
+        states, _ = self.text_encoder(text_tokens)  # (B, L, Dt)
+        L = text_tokens.shape[1]
+        valid = torch.arange(L, device=text_tokens.device) <= text_tokens.argmax(-1, keepdim=True)  # (B, L)
+        text_kv = torch.stack([b.cross.keys_values(states) for b in self.blocks], 1)  # (B, layers, 2, h, L, hd)
+        return text_kv, valid[:, None, None, :]
+
+    # -- decoder ----------------------------------------------------------------------------
+
+    def _decode(self, x, text_kv, text_mask, causal=False, caches=None) -> torch.Tensor:
+        """x: embedded tokens [B, S, width] -> logits [B, S, K]."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, text_kv[:, i], text_mask, causal, None if caches is None else caches[i])
+        return self.head(self.ln_f(x))
+
+    def round_logits(self, image_tokens, text_kv, text_mask, causal: bool = False) -> torch.Tensor:
+        """One decoder pass: image_tokens[B, S] (codes or [mask]) -> logits[B, S, K]."""
+        S = image_tokens.shape[1]
+        return self._decode(self.tok_emb(image_tokens) + self.pos_emb[:S], text_kv, text_mask, causal)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def loss(self, text_tokens, image_tokens, variant, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Cross-entropy of one batch for a variant of Fig. 2: "full", 1, 2, 3 or "ar".
+
+        text_tokens: [B, L] long; image_tokens: [B, n] long (ground truth Y). All
+        randomness comes from `generator` (the global generator when None), in the order
+        listed at the top of this file.
+        """
+        variant = parse_variant(variant)
+        c, y = self.config, image_tokens
+        if y.dim() != 2 or y.shape[1] != c.n:
+            raise EmageError(f"image tokens must be [batch, {c.n}] for grid {c.grid}, got {tuple(y.shape)}")
+        B, dev = y.shape[0], y.device
+        rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
+        masked = lambda: random_mask(rand(B), rand(B, c.n), c.train_schedule)  # noqa: E731
+        if self.training and c.caption_dropout > 0:  # train the unconditional model too (guidance)
+            drop = rand(B) < c.caption_dropout
+            text_tokens = torch.where(drop[:, None], self.empty_caption(B, text_tokens.shape[1], dev), text_tokens)
+        text_kv, text_mask = self.encode_text(text_tokens)  # once, shared by both passes
+        M = torch.full_like(y, c.mask_id)
+
+        if variant == "ar":  # input [start = mask id, y_1 .. y_{n-1}], predict y_1 .. y_n
+            logits = self.round_logits(torch.cat([M[:, :1], y[:, :-1]], 1), text_kv, text_mask, causal=True)
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+        if variant == "full":  # Section 3.1: every position [mask], one pass, loss on all
+            logits = self.round_logits(M, text_kv, text_mask)
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+        if variant == 1:  # Section 3.2: mask k ~ U(0, n] positions, predict them
+            mask = masked()
+            logits = self.round_logits(torch.where(mask, M, y), text_kv, text_mask)
+            return F.cross_entropy(logits[mask], y[mask])
+
+        # Passes 1 of #2 and #3. The paper does not say how the predicted tokens are chosen
+        # nor whether gradients flow through pass 1. Default: argmax under no_grad.
+        # - argmax: the inputs of pass 2 then look like the committed tokens of inference,
+        #   which are the most probable ones (top-ranked by P_obs); "sample" draws instead.
+        # - no gradient: Y_pred / Y_mix are discrete tokens, so no gradient reaches pass 1
+        #   without an estimator the paper does not mention; Algorithm 2 line 9 computes the
+        #   loss of pass 2 only. no_grad also skips pass 1's backward and activations (a #3
+        #   step costs ~4/3 of a #1 step instead of 2x). pass1_grad=True lets gradients in
+        #   through a straight-through one-hot (forward values unchanged).
+        if variant == 2:  # Section 3.3
+            mask1 = masked()  # random positions ~ U(0, |Y|]
+            pred, st = self._pass1(torch.where(mask1, M, y), text_kv, text_mask, rand)  # fill them
+            y_mix = torch.where(mask1, pred, y)  # ground truth + predictions
+            mask2 = masked()  # then #1 on Y_mix: loss on the masked positions
+            x = self._embed_mixed(torch.where(mask2, M, y_mix), st, mask1 & ~mask2)
+            logits = self._decode(x, text_kv, text_mask)
+            return F.cross_entropy(logits[mask2], y[mask2])
+
+        # variant 3: Algorithm 2
+        mask1 = masked()  # lines 3-4: r ~ U(0, 1], k positions
+        y_mask = torch.where(mask1, M, y)  # line 5: Y_mask
+        y_pred, st = self._pass1(y_mask, text_kv, text_mask, rand)  # line 6: Y_pred, all positions
+        mask2 = masked()  # line 7: another ratio, mask Y_pred -> Y_obs
+        x = self._embed_mixed(torch.where(mask2, M, y_pred), st, ~mask2)
+        logits = self._decode(x, text_kv, text_mask)  # line 8: predict all positions
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # line 9: loss on all positions
+
+    def _pass1(self, inputs, text_kv, text_mask, rand):
+        """First pass of #2 / #3: tokens predicted at every position, and (with pass1_grad)
+        the straight-through one-hot [B, n, K] that carries gradients, else None."""
+        with torch.set_grad_enabled(self.config.pass1_grad and torch.is_grad_enabled()):
+            logits = self.round_logits(inputs, text_kv, text_mask)  # (B, n, K)
+            if self.config.pass1 == "sample":
+                pred, _ = sample_tokens(logits, rand(*inputs.shape), 1.0)
+            else:
+                pred = logits.argmax(-1)
+            if not (self.config.pass1_grad and torch.is_grad_enabled()):
+                return pred, None
+            probs = logits.softmax(-1)
+            one_hot = F.one_hot(pred, probs.shape[-1]).to(probs.dtype)
+            return pred, one_hot + probs - probs.detach()
+
+    def _embed_mixed(self, tokens, st, predicted):
+        """Embed pass 2's input; with a straight-through one-hot, predicted positions use it."""
+        x = self.tok_emb(tokens)  # (B, n, D)
+        if st is not None:
+            soft = st @ self.tok_emb.weight[: self.config.codebook_size]  # (B, n, D), same values
+            x = torch.where(predicted[..., None], soft, x)
+        return x + self.pos_emb
+
+    # -- inference --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text_tokens: torch.Tensor,
+        steps: int = 16,
+        algorithm=None,
+        schedule: str = "cosine",
+        temperature: float = 1.0,
+        num_candidates: int = 1,
+        guidance_scale: float = 1.0,
+        negative_tokens: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_history: bool = False,
+        init_tokens: torch.Tensor | None = None,
+        keep_mask: torch.Tensor | None = None,
+        choice_temperature: float = 4.5,
+        use_cache: bool = True,
+    ):
+        """Image tokens for each caption: LongTensor[B * num_candidates, n].
+
+        text_tokens[B, L]; rows b * num_candidates + j hold candidate j of caption b.
+        algorithm: 1, 3, "full" or "ar" (default: the one of self.variant, Algorithm 3 when
+        unknown); steps = T; schedule = tau() (Section 4.7: cosine at inference);
+        temperature of token sampling (0 = argmax); choice_temperature: scale of the Gumbel
+        noise on the confidences, annealed linearly to 0 (4.5, MaskGIT's value);
+        guidance_scale 1 = off, else the unconditional pass reads `negative_tokens` (or the
+        empty caption) in the same batch; init_tokens[B, n] + keep_mask[B, n] fix tokens
+        from round 0 (editing) and the schedule fills the rest; use_cache: AR only, the
+        key/value cache (False re-runs the prefix every step, for the benchmark).
+        With return_history=True returns (tokens, history[T, B', n]): Y_obs after each
+        round (for AR, only the final map).
+        """
+        if algorithm is None:
+            algorithm = DEFAULT_ALGORITHM[self.variant] if self.variant is not None else 3
+        algorithm = parse_algorithm(algorithm)
+        if num_candidates < 1:
+            raise EmageError(f"num_candidates must be at least 1, got {num_candidates}")
+        c, dev = self.config, text_tokens.device
+        B = text_tokens.shape[0] * num_candidates
+        rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
+        # The text encoder and every layer's cross-attention keys/values: once per caption.
+        text_kv, text_mask = self._generation_text(text_tokens, num_candidates, guidance_scale, negative_tokens)
+
+        def predict(tokens, causal=False, caches=None):  # one round; guidance = one doubled batch
+            if guidance_scale == 1.0:
+                return self._decode(self._embed(tokens, caches), text_kv, text_mask, causal, caches)
+            both = torch.cat([tokens, tokens])  # (2B', S): conditional rows, then unconditional
+            cond, uncond = self._decode(self._embed(both, caches), text_kv, text_mask, causal, caches).chunk(2)
+            return guided_logits(cond, uncond, guidance_scale)
+
+        if algorithm == "ar":
+            if init_tokens is not None or keep_mask is not None:
+                raise EmageError("editing (init_tokens/keep_mask) needs algorithm 1 or 3, not ar")
+            tokens = self._generate_ar(predict, rand(B, c.n), temperature, use_cache)
+            return (tokens, tokens[None]) if return_history else tokens
+        if algorithm == "full":  # Section 3.1: one pass, i.e. Algorithm 1 with T = 1
+            steps = 1
+
+        # Algorithms 1 and 3, line 1: Y_obs = [mask] * n, P_obs = 0 (nothing committed yet)
+        tokens, fixed = self._initial_tokens(B, init_tokens, keep_mask, num_candidates, dev)
+        committed = fixed.clone()
+        n_fixed = fixed.sum(-1)  # (B',) editing: only the other positions follow the schedule
+        counts = commit_counts(schedule, steps, (c.n - n_fixed).cpu()).to(dev) + n_fixed  # (T, B')
+        history = []
+        for t in range(1, steps + 1):  # line 2: while t <= T
+            u_token, u_confidence = rand(B, c.n), rand(B, c.n)
+            # line 3: the model takes X and Y_obs and predicts tokens with probabilities P_obs
+            sampled, p_obs = sample_tokens(predict(tokens), u_token, temperature)
+            confidence = gumbel_confidence(p_obs, u_confidence, choice_temperature * (1 - t / steps))
+            # lines 4-5: keep the top floor(tau(t/T) n) tokens, committed ones first (P_obs = 1)
+            if algorithm == 3:
+                tokens, committed = commit_algorithm3(tokens, committed, fixed, sampled, confidence, counts[t - 1], c.mask_id)
+            else:
+                tokens, committed = commit_algorithm1(tokens, committed, sampled, confidence, counts[t - 1], c.mask_id)
+            history.append(tokens)
+        return (tokens, torch.stack(history)) if return_history else tokens  # line 8: return Y_obs
+
+    def _embed(self, tokens, caches=None):
+        """Token + position embeddings; with an AR cache, positions continue after the cached ones."""
+        start = caches[0]["k"].shape[2] if caches is not None and "k" in caches[0] else 0
+        return self.tok_emb(tokens) + self.pos_emb[start : start + tokens.shape[1]]  # (B, S, D)
+
+    def _generation_text(self, text_tokens, num_candidates, scale, negative_tokens):
+        """encode_text once per caption, rows repeated per candidate; with guidance (scale != 1)
+        the conditional rows [B'] are followed by the unconditional rows [B']."""
+        if scale == 1.0:
+            kv, mask = self.encode_text(text_tokens)
+            return kv.repeat_interleave(num_candidates, 0), mask.repeat_interleave(num_candidates, 0)
+        B, L = text_tokens.shape
+        if negative_tokens is None:
+            negative_tokens = self.empty_caption(B, L, text_tokens.device)
+        if negative_tokens.dim() != 2 or negative_tokens.shape[0] not in (1, B):
+            raise EmageError(f"negative tokens must be [1 or {B}, length], got {tuple(negative_tokens.shape)}")
+        L = max(L, negative_tokens.shape[1])  # pad the shorter with 0: padding, masked out
+        pad = lambda t: F.pad(t.expand(B, -1), (0, L - t.shape[1]))  # noqa: E731
+        kv, mask = self.encode_text(torch.cat([pad(text_tokens), pad(negative_tokens)]))  # (2B, ...)
+        rows = lambda t: torch.cat([h.repeat_interleave(num_candidates, 0) for h in t.chunk(2)])  # noqa: E731
+        return rows(kv), rows(mask)  # (2B', ...)
+
+    def _initial_tokens(self, B, init_tokens, keep_mask, num_candidates, dev):
+        """Line 1: all [mask]; for editing, the kept tokens of init_tokens are fixed from the start."""
+        n, mask_id = self.config.n, self.config.mask_id
+        tokens = torch.full((B, n), mask_id, dtype=torch.long, device=dev)
+        if init_tokens is None and keep_mask is None:
+            return tokens, torch.zeros(B, n, dtype=torch.bool, device=dev)
+        if init_tokens is None or keep_mask is None:
+            raise EmageError("editing needs both init_tokens and keep_mask")
+        if init_tokens.shape != keep_mask.shape or tuple(init_tokens.shape) != (B // num_candidates, n):
+            raise EmageError(f"init_tokens and keep_mask must both be [{B // num_candidates}, {n}]")
+        init = init_tokens.to(dev).repeat_interleave(num_candidates, 0)
+        keep = keep_mask.to(dev).bool().repeat_interleave(num_candidates, 0)
+        return torch.where(keep, init, tokens), keep
+
+    def _generate_ar(self, predict, u, temperature, use_cache: bool) -> torch.Tensor:
+        """Autoregressive baseline: n sequential steps from the start token [mask] at position 0.
+
+        With the cache each step feeds one token and attends to the cached keys/values;
+        without it (for the benchmark) each step re-runs the causal decoder on the prefix.
+        u[B', n]: column i samples token i.
+        """
+        B, n = u.shape
+        x = torch.full((B, 1), self.config.mask_id, dtype=torch.long, device=u.device)  # start token
+        caches = [{} for _ in self.blocks] if use_cache else None
+        for i in range(n):
+            logits = predict(x[:, -1:], causal=True, caches=caches) if use_cache else predict(x, causal=True)
+            token, _ = sample_tokens(logits[:, -1:], u[:, i : i + 1], temperature)  # (B', 1)
+            x = torch.cat([x, token], 1)
+        return x[:, 1:]  # (B', n)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: a directory with config.json + model.safetensors
+# ----------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then os.replace (never a half file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path, vqgan_dir, extra: dict | None = None) -> Path:
+    """Write config.json + model.safetensors (+ a copy of the tokenizer vocabulary) to out_dir.
+
+    config.json holds the EmageConfig, the variant, the step, the VQGAN checkpoint dir
+    relative to out_dir and the vocabulary file name.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = Path(tokenizer_path)
+    if not tokenizer_path.is_file():
+        raise EmageError(f"tokenizer vocabulary {tokenizer_path} does not exist; pass the BPE file the captions were encoded with")
+    if tokenizer_path.resolve() != (out / tokenizer_path.name).resolve():
+        _atomic_write(out / tokenizer_path.name, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+    info = {
+        "config": model.config.to_dict(),
+        "variant": parse_variant(variant),
+        "step": int(step),
+        "vqgan_dir": os.path.relpath(Path(vqgan_dir).resolve(), out.resolve()),
+        "tokenizer": tokenizer_path.name,
+        "extra": extra or {},
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
+    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    return out
+
+
+def load_checkpoint(ckpt_dir, map_location="cpu") -> tuple[Emage, dict]:
+    """Rebuild the model from config.json and load model.safetensors strictly.
+
+    Returns (model in eval mode, info) with info = {variant, step, tokenizer_path,
+    vqgan_dir (both absolute), extra}.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(ckpt_dir)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise EmageError(f"{d} is not an Emage checkpoint (needs config.json and model.safetensors)")
+    meta = json.loads((d / "config.json").read_text())
+    if "config" not in meta:
+        raise EmageError(f"{d / 'config.json'} has no 'config' entry; was it written by save_checkpoint?")
+    model = Emage(EmageConfig.from_dict(meta["config"]), variant=meta.get("variant"))
+    state = load_file(str(d / "model.safetensors"), device=str(map_location))
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise EmageError(f"{d}: tensor {name} is missing from model.safetensors; config.json and the weights disagree")
+        if state[name].shape != tensor.shape:
+            raise EmageError(f"{d}: tensor {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(tensor.shape)}")
+    for name in state:
+        if name not in expected:
+            raise EmageError(f"{d}: unexpected tensor {name} in model.safetensors; config.json and the weights disagree")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    info = {
+        "variant": model.variant,
+        "step": meta.get("step", 0),
+        "tokenizer_path": str((d / meta["tokenizer"]).resolve()),
+        "vqgan_dir": str((d / meta["vqgan_dir"]).resolve()),
+        "extra": meta.get("extra", {}),
+    }
+    return model.to(map_location), info
