@@ -1,0 +1,925 @@
+"""Evaluation: FID with a from-scratch InceptionV3, the zero-shot COCO protocol, and shapes accuracy.
+
+The paper's quality measure (Section 4) is zero-shot FID on 30k MS-COCO
+validation captions: 16 candidates per caption, re-ranked by CLIP, the best one
+kept. This file holds every piece of that protocol:
+
+    InceptionV3 / load_inception(path)   the TensorFlow FID Inception (2048-d pool features)
+    frechet_distance(mu1, s1, mu2, s2)   FID in float64, robust to singular covariances
+    folder_stats / save_stats / load_stats   mean and covariance of a folder, cached as .npz
+    coco_captions / read_captions        the sampled caption list of the protocol
+    generate_folder(...)                 resumable generation, one PNG per caption
+    shapes_accuracy(...)                 the shapes world's faithfulness (SHAPES.md)
+
+Command line:
+    python eval_fid.py reference --captions captions_val2014.json --images val2014/ --out coco30k.npz --inception W
+    python eval_fid.py generate --checkpoint DIR --captions captions_val2014.json --out samples/
+    python eval_fid.py fid samples/ coco30k.npz --inception W --json fid.json
+    python eval_fid.py stats DIR OUT.npz --inception W
+    python eval_fid.py shapes --checkpoint checkpoints/shapes/emage
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+
+class FIDError(ValueError):
+    """A mistake the user can fix: a missing file, wrong weights, too few images."""
+
+
+# ---------------------------------------------------------------------------
+# The FID InceptionV3
+# ---------------------------------------------------------------------------
+# FID is defined by one network: the TensorFlow graph `inception-2015-12-05`
+# (pool_3 features) that the original TTUR code used. pytorch-fid ported it as
+# `pt_inception-2015-12-05-6726825d.pth`; torch-fidelity ships the same bytes as
+# `weights-inception-2015-12-05-6726825d.pth`. Module names below mirror theirs
+# (which are torchvision's), so the key mapping is one-to-one. The network is
+# torchvision's Inception3 except where marked `Patch:`.
+
+INCEPTION_URLS = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+)
+_INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # 95,628,359 bytes
+KNOWN_SHA256 = {  # file name -> SHA-256 of the published file (both releases hold the same bytes)
+    "pt_inception-2015-12-05-6726825d.pth": _INCEPTION_SHA256,
+    "weights-inception-2015-12-05-6726825d.pth": _INCEPTION_SHA256,
+}
+PROJECT_MODULES = ("__main__", "eval_fid", "clip_text", "clip_image", "emage", "vqgan", "shapes")
+INPUT_SIZE = 299  # the graph's input resolution
+FEATURE_DIM = 2048  # pool_3 features
+
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, TensorFlow's) -> ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, **conv):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, bias=False, **conv)
+        self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_tf(x):
+    # Patch: TensorFlow's 3x3 average pool divides by the number of real pixels
+    # under the window; torchvision counts the zero padding too.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, in_ch: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_ch, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_ch, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_ch, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_avg_pool_tf(x))
+        return torch.cat([b1, b5, b3, bp], 1)  # (B, 224 + pool_features, H, W)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, in_ch: int):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_ch, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3(x)
+        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b3d, bp], 1)  # (B, 480 + in_ch, H', W'), spatial size halved
+
+
+class InceptionC(nn.Module):
+    def __init__(self, in_ch: int, channels_7x7: int):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_ch, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(in_ch, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_ch, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_ch, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7d = layer(b7d)
+        bp = self.branch_pool(_avg_pool_tf(x))
+        return torch.cat([b1, b7, b7d, bp], 1)  # (B, 768, 17, 17)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, in_ch: int):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_ch, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b7, bp], 1)  # (B, 1280, 8, 8)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, in_ch: int, max_pool: bool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(in_ch, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(in_ch, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_ch, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
+        if self.max_pool:
+            # Patch: the FID graph's last block (Mixed_7c) max-pools here where
+            # every other Inception uses an average pool; FID is defined by the graph.
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            pooled = _avg_pool_tf(x)
+        return torch.cat([b1, b3, b3d, self.branch_pool(pooled)], 1)  # (B, 2048, 8, 8)
+
+
+def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize as TensorFlow 1.x `resize_bilinear(align_corners=False)` computes it.
+
+    Patch: the FID graph resizes its input to 299x299 with TF1's legacy bilinear
+    rule: source coordinate = output index * (in / out), no half-pixel offset, no
+    antialiasing. torch's `interpolate` uses half-pixel centres, which shifts the
+    image by a fraction of a pixel and changes FID. x: float (B, C, H, W).
+    """
+    def taps(n_in: int):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=n_in - 1)
+        return lo, hi, (src - lo.to(src.dtype)).to(x.dtype)
+
+    y_lo, y_hi, dy = taps(x.shape[2])
+    x_lo, x_hi, dx = taps(x.shape[3])
+    top = x[:, :, y_lo, :]  # (B, C, size, W)
+    bottom = x[:, :, y_hi, :]
+    top = top[..., x_lo] + (top[..., x_hi] - top[..., x_lo]) * dx  # (B, C, size, size)
+    bottom = bottom[..., x_lo] + (bottom[..., x_hi] - bottom[..., x_lo]) * dx
+    return top + (bottom - top) * dy[:, None]
+
+
+class InceptionV3(nn.Module):
+    """The FID InceptionV3: images -> 2048-d pool_3 features (and the graph's 1008-way logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        # Patch: 1008 classes, not torchvision's 1000: the 2015 graph's softmax has
+        # 1008 outputs. Unused by FID; kept so every tensor of the file is loaded.
+        self.fc = nn.Linear(FEATURE_DIM, 1008)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W), uint8 or float, values in [0, 255] -> (B, 2048) float32 features."""
+        x = images.float()
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = resize_bilinear_tf1(x, INPUT_SIZE)  # (B, 3, 299, 299)
+        # Patch: the graph maps [0, 255] to [-1, 1) as (x - 128) / 128, not x / 127.5 - 1.
+        x = (x - 128.0) / 128.0
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)  # (B, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (B, 2048, 8, 8)
+        return x.mean(dim=(2, 3))  # (B, 2048): pool_3, the 8x8 average pool
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 2048) pool features -> (B, 1008) logits of the 2015 graph (Inception Score uses them)."""
+        return self.fc(features)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expected_sha256(path: Path) -> str | None:
+    """The published hash for a known file name, else the hash prefix torch.hub puts in names (`-6726825d.pth`)."""
+    if path.name in KNOWN_SHA256:
+        return KNOWN_SHA256[path.name]
+    match = re.search(r"-([0-9a-f]{8,64})\.pth?$", path.name)
+    return match.group(1) if match else None
+
+
+def inception_state_dict(source: dict, model: InceptionV3, origin: str) -> dict:
+    """Map a pytorch-fid / torch-fidelity state dict onto `model`, checking every key and shape.
+
+    The names are the same on both sides; `num_batches_tracked` (a BatchNorm
+    training counter, unused at inference) is taken when present and zero otherwise.
+    """
+    expected = model.state_dict()
+    mapped = {}
+    for key, tensor in source.items():
+        if key not in expected:
+            raise FIDError(f"{origin} has a tensor {key!r} that the FID InceptionV3 does not: "
+                           "pass the pt_inception-2015-12-05 weights file")
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[key].shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise FIDError(f"{origin}: {key} has shape {shape}, the FID InceptionV3 needs "
+                           f"{tuple(expected[key].shape)}: pass the pt_inception-2015-12-05 weights file")
+        mapped[key] = tensor
+    for key, tensor in expected.items():
+        if key not in mapped:
+            if not key.endswith("num_batches_tracked"):
+                raise FIDError(f"{origin} lacks {key}: pass the pt_inception-2015-12-05 weights file")
+            mapped[key] = torch.zeros_like(tensor)
+    return mapped
+
+
+def load_inception(path, check_hash: bool = True) -> InceptionV3:
+    """Build the FID InceptionV3 from a weights file (eval mode, no gradients); `.sha256` holds the file's hash.
+
+    The file is read with `torch.load(weights_only=True)`: tensors only, no code.
+    Its SHA-256 is compared with the published one when the file name is known.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FIDError(f"Inception weights not found at {path}: download {INCEPTION_URLS[0]} "
+                       "and pass its path with --inception")
+    digest = sha256_file(path)
+    want = expected_sha256(path)
+    if check_hash and want is not None and not digest.startswith(want):
+        raise FIDError(f"{path} has SHA-256 {digest}, the published file has {want}: it is damaged or "
+                       "another model; download it again (or pass --no-hash-check to use it anyway)")
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FIDError(f"cannot read {path} as a tensor file ({first}); pass the pt_inception-2015-12-05 "
+                       "weights file") from None
+    if not isinstance(source, dict):
+        raise FIDError(f"{path} holds a {type(source).__name__}, not a state dict: pass the "
+                       "pt_inception-2015-12-05 weights file")
+    model = InceptionV3()
+    model.load_state_dict(inception_state_dict(source, model, str(path)), strict=True)
+    model.sha256 = digest
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------
+# Fréchet distance and statistics
+# ---------------------------------------------------------------------------
+
+def _clip_noise(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with the rounding noise set to 0 (what `matrix_rank` counts as zero).
+
+    A covariance of n < d samples has d - n + 1 zero eigenvalues that come out
+    of `eigh` as +-1e-16 * max; their square roots (1e-8 * sqrt(max) each) would
+    add up to a visible error, so values below the rank tolerance count as 0.
+    """
+    tol = max(eigenvalues.max(initial=0.0), 0.0) * eigenvalues.shape[0] * np.finfo(np.float64).eps
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (v * np.sqrt(_clip_noise(w))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
+
+    tr((S1 S2)^(1/2)) is the sum of square roots of the eigenvalues of S1 S2,
+    which equal those of A S2 A with A = S1^(1/2) (AB and BA share eigenvalues).
+    A S2 A is symmetric positive semi-definite, so `eigvalsh` is exact where
+    `scipy.linalg.sqrtm(S1 @ S2)` of a non-symmetric, possibly singular product
+    returns complex parts or NaN depending on the SciPy version.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise FIDError(f"statistics do not match: mu {mu1.shape} and {mu2.shape}, sigma {sigma1.shape} and "
+                       f"{sigma2.shape}; compute both with the same feature extractor")
+    a = _sqrt_psd(sigma1)
+    inner = a @ sigma2 @ a  # (D, D), symmetric PSD
+    tr_covmean = np.sqrt(_clip_noise(np.linalg.eigvalsh((inner + inner.T) / 2))).sum()
+    diff = mu1 - mu2
+    fid = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
+    return float(max(fid, 0.0))  # >= 0 exactly; only rounding can go below
+
+
+class RunningStats:
+    """Mean and covariance accumulated batch by batch in float64 (memory O(D^2), any number of samples).
+
+    Sums are taken around the first batch's mean, which keeps the sum of
+    outer products well conditioned when the features sit far from zero.
+    """
+
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, None, None
+
+    def update(self, features) -> None:
+        x = np.asarray(features, dtype=np.float64)  # (B, D)
+        if not np.isfinite(x).all():
+            raise FIDError("the feature extractor produced non-finite values: check the weights and images")
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.s1 = np.zeros_like(self.shift)
+            self.s2 = np.zeros((x.shape[1], x.shape[1]))
+        x = x - self.shift
+        self.n += x.shape[0]
+        self.s1 += x.sum(0)
+        self.s2 += x.T @ x
+
+    def result(self, allow_few: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(mu (D,), sigma (D, D)), sigma with the unbiased 1/(n - 1) as `np.cov`."""
+        d = 0 if self.shift is None else self.shift.shape[0]
+        if self.n < 2:
+            raise FIDError(f"{self.n} image(s): a covariance needs at least 2 (FID wants thousands)")
+        if self.n <= d and not allow_few:
+            raise FIDError(f"only {self.n} images for {d}-d features: the covariance is singular and FID is "
+                           f"strongly biased; use more than {d} images (pass --allow-few to compute it anyway)")
+        mean = self.s1 / self.n
+        sigma = (self.s2 - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return mean + self.shift, (sigma + sigma.T) / 2
+
+
+def save_stats(path, mu, sigma, n: int, sha256: str = "") -> None:
+    """Write the statistics cache (.npz: mu, sigma, n, inception_sha256) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, n=np.int64(n), inception_sha256=np.str_(sha256))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_stats(path) -> dict:
+    """{'mu', 'sigma', 'n', 'inception_sha256'} from a .npz cache (pytorch-fid's mu/sigma files work too)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise FIDError(f"cannot read statistics from {path}: {error}") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise FIDError(f"{path} has no 'mu' and 'sigma' arrays: write it with `python eval_fid.py stats`")
+    return {"mu": arrays["mu"].astype(np.float64), "sigma": arrays["sigma"].astype(np.float64),
+            "n": int(arrays["n"]) if "n" in arrays else None,
+            "inception_sha256": str(arrays.get("inception_sha256", ""))}
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def list_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FIDError(f"{folder} is not a folder of images (or a .npz statistics file)")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FIDError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as error:
+        raise FIDError(f"cannot read image {path}: {error}") from None
+
+
+class _InceptionInputs(torch.utils.data.Dataset):
+    """Images of any size, each resized to 299x299 as the graph does (float, [0, 255])."""
+
+    def __init__(self, items: list, load: Callable = read_rgb):
+        self.items, self.load = items, load  # items: paths (read by `load`) or (H, W, 3) uint8 arrays
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        rgb = item if isinstance(item, np.ndarray) else self.load(item)
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = resize_bilinear_tf1(x, INPUT_SIZE)
+        return x[0]  # (3, 299, 299)
+
+
+@torch.no_grad()
+def image_stats(model: InceptionV3, images: list, batch_size: int = 50, device="cpu", workers: int = 0,
+                allow_few: bool = False, progress: bool = True, load: Callable = read_rgb):
+    """Mean (D,) and covariance (D, D) of the pool_3 features of `images` (paths or (H, W, 3) uint8 arrays)."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(_InceptionInputs(images, load), batch_size=batch_size, num_workers=workers)
+    stats = RunningStats()
+    for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress):
+        stats.update(model(batch.to(device)).cpu().numpy())
+    return stats.result(allow_few)
+
+
+def stats_of(source, model: InceptionV3, **kw) -> dict:
+    """Statistics of a folder of images, or read from a .npz cache."""
+    source = Path(source)
+    if source.suffix == ".npz":
+        stats = load_stats(source)
+        if stats["inception_sha256"] and stats["inception_sha256"] != model.sha256:
+            raise FIDError(f"{source} was computed with Inception weights {stats['inception_sha256'][:12]}..., "
+                           f"not these ({model.sha256[:12]}...): recompute it with `python eval_fid.py stats`")
+        return stats
+    paths = list_images(source)
+    mu, sigma = image_stats(model, paths, **kw)
+    return {"mu": mu, "sigma": sigma, "n": len(paths), "inception_sha256": model.sha256}
+
+
+# ---------------------------------------------------------------------------
+# The COCO protocol: captions, reference images, generation
+# ---------------------------------------------------------------------------
+
+def _clean(caption: str) -> str:
+    return " ".join(caption.split())
+
+
+def coco_captions(path, num: int, seed: int = 0) -> list[dict]:
+    """`num` images drawn at random from a COCO captions file, one of each image's captions drawn at random.
+
+    Returns [{'caption', 'image_id', 'file_name'}] in drawing order. The paper
+    samples 30k validation images; the same (path, num, seed) gives the same list
+    for `generate` and `reference`.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        annotations, images = data["annotations"], data["images"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise FIDError(f"{path} is not a COCO captions file (captions_val2014.json): {error}") from None
+    names = {image["id"]: image["file_name"] for image in images}
+    by_image: dict[int, list] = {}
+    for ann in sorted(annotations, key=lambda a: a["id"]):
+        if _clean(ann["caption"]):
+            by_image.setdefault(ann["image_id"], []).append(_clean(ann["caption"]))
+    ids = sorted(by_image)
+    if num > len(ids):
+        raise FIDError(f"{path} has captions for {len(ids)} images, fewer than --num-captions {num}")
+    rng = random.Random(seed)
+    chosen = rng.sample(ids, num)
+    return [{"caption": rng.choice(by_image[i]), "image_id": i, "file_name": names.get(i, "")} for i in chosen]
+
+
+def read_captions(path, num: int, seed: int = 0) -> list[dict]:
+    """Captions from a COCO captions .json (sampled as `coco_captions`), or a text file, one per line (the first `num`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FIDError(f"captions file {path} not found")
+    if path.suffix == ".json":
+        return coco_captions(path, num, seed)
+    try:
+        lines = [_clean(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise FIDError(f"{path} is not UTF-8 text: save the captions as UTF-8, one per line") from None
+    captions = [{"caption": line} for line in lines if line]
+    if not captions:
+        raise FIDError(f"{path} holds no captions (one per line expected)")
+    return captions[:num]
+
+
+def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The largest centred square, resized to size x size with PIL's bicubic filter (antialiased)."""
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(rgb[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.BICUBIC))
+
+
+def _read_cropped(path: Path, size: int) -> np.ndarray:
+    return center_crop_resize(read_rgb(path), size)
+
+
+def _write_png(path: Path, rgb: np.ndarray, text: dict) -> None:
+    """PNG with text chunks (the caption travels with the image), written atomically."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, str(value))
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(rgb).save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_generator(checkpoint, device):
+    """(model, tokenizer, vqgan, info) from an Emage checkpoint directory."""
+    import clip_text
+    import emage
+    import vqgan
+
+    model, info = emage.load_checkpoint(checkpoint)
+    tokenizer = clip_text.Tokenizer(info["tokenizer_path"])
+    vq = vqgan.load_vqgan(info["vqgan_dir"])
+    return model.to(device).eval(), tokenizer, vq.to(device).eval(), info
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
+                    num_candidates: int = 1, **generate_kw) -> np.ndarray:
+    """(B * num_candidates, H, W, 3) uint8 images, candidates of one caption adjacent."""
+    device = next(model.parameters()).device
+    tokens = tokenizer(captions, context_length=model.config.text.context_length).to(device)  # (B, L)
+    image_tokens = model.generate(tokens, num_candidates=num_candidates, generator=generator,
+                                  **generate_kw)  # (B * C, n)
+    h, w = model.config.grid
+    return _to_uint8(vq.decode(image_tokens.view(-1, h, w)))  # (B * C, H, W, 3)
+
+
+Reranker = Callable[[np.ndarray, str], np.ndarray]  # (C, H, W, 3) uint8 candidates, caption -> (C,) scores
+
+
+def generate_folder(checkpoint, items: list[dict], out_dir, *, candidates: int = 1, batch_size: int = 16,
+                    seed: int = 0, device="cpu", rerank: Reranker | None = None, progress: bool = True,
+                    **generate_kw) -> int:
+    """One PNG per caption in `out_dir` (`00000.png`, ...); returns how many were written.
+
+    Resumable: images already present are skipped. Captions are processed in
+    fixed batches [k*B, (k+1)*B), batch k with a generator seeded by (seed, k),
+    so an interrupted run resumed with the same --batch-size writes the same
+    images. With `candidates` > 1, `rerank` keeps the best candidate of each caption.
+    """
+    from tqdm import tqdm
+
+    if candidates > 1 and rerank is None:
+        raise FIDError("--candidates > 1 needs a re-ranker to pick one image per caption: pass --clip CHECKPOINT")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": str(Path(checkpoint).resolve()), "candidates": candidates, "seed": seed,
+                "batch_size": batch_size, **{k: v for k, v in generate_kw.items() if v is not None}}
+    manifest = {"settings": settings, "captions": [item["caption"] for item in items]}
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if previous != manifest:
+            raise FIDError(f"{out_dir} holds images of another caption list or settings (see its manifest.json): "
+                           "choose a new --out folder, or rerun with the same arguments to resume")
+    else:
+        manifest_path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+    width = max(5, len(str(len(items) - 1)))
+    paths = [out_dir / f"{i:0{width}d}.png" for i in range(len(items))]
+    batches = [range(k, min(k + batch_size, len(items))) for k in range(0, len(items), batch_size)]
+    todo = [(b, rows) for b, rows in enumerate(batches) if not all(paths[i].exists() for i in rows)]
+    model, tokenizer, vq, info = _load_generator(checkpoint, device)
+    written = 0
+    for b, rows in tqdm(todo, desc="generate", unit="batch", disable=not progress):
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        captions = [items[i]["caption"] for i in rows]
+        images = generate_images(model, tokenizer, vq, captions, generator, num_candidates=candidates,
+                                 **generate_kw)  # (len(rows) * C, H, W, 3)
+        images = images.reshape(len(rows), candidates, *images.shape[1:])
+        for j, i in enumerate(rows):
+            if paths[i].exists():
+                continue
+            best = int(np.argmax(rerank(images[j], captions[j]))) if candidates > 1 else 0
+            text = {"caption": captions[j], "index": i, "seed": seed, "checkpoint_step": info.get("step", "")}
+            if "image_id" in items[i]:
+                text["coco_image_id"] = items[i]["image_id"]
+            _write_png(paths[i], images[j, best], text)
+            written += 1
+    return written
+
+
+def clip_reranker(path, device) -> Reranker:
+    """The CLIP re-ranker of the paper's protocol, provided by `clip_image.load_reranker`."""
+    try:
+        import clip_image
+    except ImportError:
+        raise FIDError("--clip needs clip_image.py (CLIP's image tower), which this checkout does not have; "
+                       "use --candidates 1") from None
+    return clip_image.load_reranker(path, device=device)
+
+
+# ---------------------------------------------------------------------------
+# Shapes-world accuracy
+# ---------------------------------------------------------------------------
+
+def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 2, batch_size: int = 64,
+                    device="cpu", save_dir=None, progress: bool = True, **generate_kw) -> dict:
+    """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
+
+    Returns shapes.accuracy_report(...) plus 'results': [{'caption', 'seed', 'passed'}].
+    Seed s runs the captions in batches with a generator seeded by (s, batch index).
+    """
+    import shapes
+    from tqdm import tqdm
+
+    captions = shapes.eval_captions() if captions is None else captions
+    model, tokenizer, vq, info = _load_generator(checkpoint, device)
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    results = []
+    jobs = [(s, k) for s in range(seeds) for k in range(0, len(captions), batch_size)]
+    for s, k in tqdm(jobs, desc="shapes", unit="batch", disable=not progress):
+        generator = torch.Generator(device=device).manual_seed(s * 1_000_003 + k // batch_size)
+        batch = captions[k:k + batch_size]
+        images = generate_images(model, tokenizer, vq, batch, generator, **generate_kw)  # (B, 64, 64, 3)
+        for j, (caption, rgb) in enumerate(zip(batch, images)):
+            passed = shapes.score(Image.fromarray(rgb), caption)
+            results.append({"caption": caption, "seed": s, "passed": bool(passed)})
+            if save_dir is not None:
+                _write_png(Path(save_dir) / f"s{s}_{k + j:04d}.png", rgb, {"caption": caption, "seed": s})
+    report = shapes.accuracy_report([(r["caption"], r["passed"]) for r in results])
+    report["results"] = results
+    report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
+                          "seeds": seeds, **{k: v for k, v in generate_kw.items() if v is not None}}
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, ValueError) as error:
+        raise FIDError(f"device {name!r} is not usable here ({str(error).splitlines()[0]}): try --device cpu") from None
+    return name
+
+
+def _write_json(path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _inception(args, device) -> InceptionV3:
+    model = load_inception(args.inception, check_hash=not args.no_hash_check).to(device)
+    print(f"inception weights {args.inception} sha256 {model.sha256}", file=sys.stderr)
+    return model
+
+
+def _stats_kw(args, device) -> dict:
+    return {"batch_size": args.batch_size, "device": device, "workers": args.workers, "allow_few": args.allow_few}
+
+
+def _check_source(path: Path) -> None:
+    if not (path.is_dir() or (path.suffix == ".npz" and path.is_file())):
+        raise FIDError(f"{path} is not a folder of images or a .npz statistics file")
+
+
+def cmd_fid(args) -> None:
+    _check_source(args.a)
+    _check_source(args.b)
+    device = _device(args.device)
+    model = _inception(args, device)
+    a = stats_of(args.a, model, **_stats_kw(args, device))
+    b = stats_of(args.b, model, **_stats_kw(args, device))
+    fid = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+    print(f"FID {fid:.4f}  ({args.a}: {a['n']} images, {args.b}: {b['n']} images)")
+    if args.json:
+        _write_json(args.json, {"fid": fid, "a": str(args.a), "n_a": a["n"], "b": str(args.b), "n_b": b["n"],
+                                "inception_sha256": model.sha256})
+
+
+def cmd_stats(args) -> None:
+    device = _device(args.device)
+    model = _inception(args, device)
+    paths = list_images(args.folder)
+    mu, sigma = image_stats(model, paths, **_stats_kw(args, device))
+    save_stats(args.out, mu, sigma, len(paths), model.sha256)
+    print(f"wrote {args.out} ({len(paths)} images)")
+
+
+def cmd_reference(args) -> None:
+    device = _device(args.device)
+    model = _inception(args, device)
+    items = coco_captions(args.captions, args.num_captions, args.seed)
+    paths = [Path(args.images) / item["file_name"] for item in items]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FIDError(f"{len(missing)} of {len(paths)} images are missing from {args.images} (first: {missing[0]}): "
+                       "pass the folder of the COCO images that match --captions")
+    load = functools.partial(_read_cropped, size=args.size)
+    mu, sigma = image_stats(model, paths, load=load, **_stats_kw(args, device))
+    save_stats(args.out, mu, sigma, len(paths), model.sha256)
+    print(f"wrote {args.out} ({len(paths)} COCO images, centre-cropped to {args.size}x{args.size})")
+
+
+def cmd_generate(args) -> None:
+    device = _device(args.device)
+    items = read_captions(args.captions, args.num_captions, args.seed)
+    rerank = clip_reranker(args.clip, device) if args.clip else None
+    written = generate_folder(args.checkpoint, items, args.out, candidates=args.candidates,
+                              batch_size=args.batch_size, seed=args.seed, device=device, rerank=rerank,
+                              steps=args.steps, algorithm=args.algorithm, schedule=args.schedule,
+                              temperature=args.temperature, guidance_scale=args.guidance_scale)
+    print(f"wrote {written} images to {args.out} ({len(items) - written} were already there)")
+
+
+def cmd_shapes(args) -> None:
+    import shapes
+
+    device = _device(args.device)
+    captions = shapes.eval_captions()[:args.limit]
+    report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, batch_size=args.batch_size,
+                             device=device, save_dir=args.save, steps=args.steps, algorithm=args.algorithm,
+                             schedule=args.schedule, temperature=args.temperature,
+                             guidance_scale=args.guidance_scale)
+    summary = {k: report[k] for k in ("seen", "novel", "all")}
+    print(f"shapes accuracy ({len(captions)} captions x {args.seeds} seeds, T={args.steps}): "
+          + shapes.format_report(summary))
+    if args.json:
+        _write_json(args.json, report)
+
+
+def _user_error(error: Exception) -> bool:
+    """OS errors, and the project's own error types (each module's `<Module>Error(ValueError)`)."""
+    return isinstance(error, OSError) or type(error).__module__ in PROJECT_MODULES
+
+
+def _algorithm(text: str):
+    if text not in ("1", "3", "full", "ar"):
+        raise argparse.ArgumentTypeError(f"must be 1, 3, full or ar, got {text!r}")
+    return int(text) if text.isdigit() else text
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_inception_args(p) -> None:
+    p.add_argument("--inception", type=Path, required=True,
+                   help="pt_inception-2015-12-05-6726825d.pth (from the pytorch-fid or torch-fidelity release)")
+    p.add_argument("--no-hash-check", action="store_true", help="use weights whose SHA-256 is not the published one")
+    p.add_argument("--batch-size", type=_positive, default=50, help="images per Inception batch")
+    p.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    p.add_argument("--allow-few", action="store_true", help="compute even with fewer images than 2048 dimensions")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _add_sampling_args(p, batch_size: int) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="Emage checkpoint directory")
+    p.add_argument("--steps", type=_positive, default=16, help="decoding rounds T")
+    p.add_argument("--algorithm", type=_algorithm, default=None,
+                   help="1, 3, full or ar (default: the one of the variant the model was trained as)")
+    p.add_argument("--schedule", default="cosine", help="inference mask schedule")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=_positive, default=batch_size, help="captions per batch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def main(argv=None) -> int:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fid", help="FID between two image folders or .npz statistics", formatter_class=fmt)
+    p.add_argument("a", type=Path, help="folder of images or .npz statistics")
+    p.add_argument("b", type=Path, help="folder of images or .npz statistics")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    _add_inception_args(p)
+    p.set_defaults(run=cmd_fid)
+
+    p = sub.add_parser("stats", help="cache a folder's Inception statistics as .npz", formatter_class=fmt)
+    p.add_argument("folder", type=Path, help="folder of images")
+    p.add_argument("out", type=Path, help=".npz to write (mu, sigma, n, inception_sha256)")
+    _add_inception_args(p)
+    p.set_defaults(run=cmd_stats)
+
+    p = sub.add_parser("reference", help="statistics of the COCO images the protocol samples", formatter_class=fmt)
+    p.add_argument("--captions", type=Path, required=True, help="COCO captions_val2014.json")
+    p.add_argument("--images", type=Path, required=True, help="folder of the COCO val2014 images")
+    p.add_argument("--out", type=Path, required=True, help=".npz to write")
+    p.add_argument("--num-captions", type=_positive, default=30000, help="images to sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (use the same for generate)")
+    p.add_argument("--size", type=_positive, default=256, help="centre crop resized to this side (the generator's)")
+    _add_inception_args(p)
+    p.set_defaults(run=cmd_reference)
+
+    p = sub.add_parser("generate", help="one PNG per caption, resumable", formatter_class=fmt)
+    _add_sampling_args(p, batch_size=16)
+    p.add_argument("--captions", type=Path, required=True, help="COCO captions .json or text file, one per line")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--num-captions", type=_positive, default=30000,
+                   help="captions to use (COCO: images sampled with --seed; text: the first N)")
+    p.add_argument("--candidates", type=_positive, default=1, help="images per caption, best kept by --clip")
+    p.add_argument("--clip", type=Path, default=None, help="CLIP checkpoint that re-ranks the candidates")
+    p.add_argument("--seed", type=int, default=0, help="seed of caption sampling and generation")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("shapes", help="accuracy on the shapes evaluation captions", formatter_class=fmt)
+    _add_sampling_args(p, batch_size=64)
+    p.add_argument("--seeds", type=_positive, default=2, help="images per caption (seeds 0..N-1)")
+    p.add_argument("--limit", type=_positive, default=None, help="use only the first N evaluation captions")
+    p.add_argument("--json", type=Path, default=None, help="write the report (with per-image results) here")
+    p.add_argument("--save", type=Path, default=None, help="also write the generated PNGs here")
+    p.set_defaults(run=cmd_shapes)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        if not _user_error(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

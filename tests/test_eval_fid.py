@@ -1,0 +1,390 @@
+"""eval_fid.py: the FID InceptionV3 against torch-fidelity's, the Fréchet distance's closed forms,
+the statistics cache, the COCO caption sampler and the command line."""
+import importlib
+import importlib.util
+import json
+import math
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import eval_fid
+from eval_fid import FIDError, frechet_distance
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: random weights in the published file's key layout
+# ---------------------------------------------------------------------------
+
+def _random_inception_state(seed: int) -> dict:
+    """Random weights that keep activations O(1) through all 94 conv layers (He init, BN near identity)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in eval_fid.InceptionV3().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("conv.weight"):
+            state[key] = torch.randn(value.shape, generator=g) * math.sqrt(2.0 / value[0].numel())
+        elif key.endswith("bn.weight"):
+            state[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(value.shape, generator=g)
+        elif key.endswith(("bn.bias", "running_mean")):
+            state[key] = 0.1 * torch.randn(value.shape, generator=g)
+        else:  # fc
+            state[key] = 0.05 * torch.randn(value.shape, generator=g)
+    return state
+
+
+@pytest.fixture(scope="module")
+def random_state() -> dict:
+    return _random_inception_state(0)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, random_state) -> Path:
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(random_state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(weights):
+    return eval_fid.load_inception(weights)
+
+
+def _torch_fidelity_module():
+    """torch-fidelity's Inception feature extractor module, loaded without its package __init__
+    (which imports torchvision, unusable here): a bare package object stands in for it."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    assert spec is not None, "torch-fidelity is a test dependency: pip install --no-deps torch-fidelity"
+    saved = {k: v for k, v in sys.modules.items() if k == "torch_fidelity" or k.startswith("torch_fidelity.")}
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = package
+    try:
+        return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    finally:
+        for key in [k for k in sys.modules if k == "torch_fidelity" or k.startswith("torch_fidelity.")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+# ---------------------------------------------------------------------------
+# InceptionV3 parity
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_features_match_torch_fidelity(weights, inception):
+    """Same file into both (torch-fidelity loads it with strict=True, so the key layouts are equal);
+    2048-d features and 1008 logits agree, through upsampling (uint8 input) and downsampling of a
+    non-square image (float input)."""
+    module = _torch_fidelity_module()
+    theirs = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits"],
+                                                feature_extractor_weights_path=str(weights))
+    g = torch.Generator().manual_seed(1)
+    for shape, dtype in [((1, 3, 64, 64), torch.uint8), ((1, 3, 331, 307), torch.float32)]:
+        images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        features, logits = theirs(images)
+        ours = inception(images.to(dtype))
+        assert ours.shape == (1, 2048)
+        assert ours.std() > 0.3  # the random network is not degenerate, so the comparison means something
+        assert (ours - features).abs().max() <= 1e-4
+        assert (inception.logits(ours) - logits).abs().max() <= 1e-4
+
+
+def test_299_input_is_not_resized():
+    images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8).float()
+    assert torch.equal(eval_fid.resize_bilinear_tf1(images, 299), images)
+
+
+def test_resize_is_tensorflow1_bilinear():
+    """TF1 maps output i to source i * in/out with no half-pixel offset: [a, b] -> [a, (a+b)/2, b, b]."""
+    x = torch.tensor([[0.0, 8.0], [16.0, 24.0]])[None, None]  # (1, 1, 2, 2)
+    y = eval_fid.resize_bilinear_tf1(x, 4)[0, 0]
+    expected = torch.tensor([[0.0, 4.0, 8.0, 8.0], [8.0, 12.0, 16.0, 16.0],
+                             [16.0, 20.0, 24.0, 24.0], [16.0, 20.0, 24.0, 24.0]])
+    assert torch.equal(y, expected)
+    half_pixel = torch.nn.functional.interpolate(x, size=4, mode="bilinear", align_corners=False)[0, 0]
+    assert not torch.equal(half_pixel, expected)  # the deviation the Patch: comment is about
+    downsampled = eval_fid.resize_bilinear_tf1(torch.arange(6.0)[None, None, None].expand(1, 1, 6, 6), 3)
+    assert torch.equal(downsampled[0, 0, 0], torch.tensor([0.0, 2.0, 4.0]))  # every second column, no averaging
+
+
+# ---------------------------------------------------------------------------
+# Loading the weights
+# ---------------------------------------------------------------------------
+
+def test_load_without_counters_and_hash(tmp_path, random_state, inception):
+    path = tmp_path / "no_counters.pth"
+    torch.save({k: v for k, v in random_state.items() if not k.endswith("num_batches_tracked")}, path)
+    model = eval_fid.load_inception(path)
+    for key, value in inception.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model.sha256 == eval_fid.sha256_file(path) and len(model.sha256) == 64
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_published_name_with_wrong_bytes_is_refused(tmp_path):
+    for name in ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth",
+                 "other-deadbeef.pth"):
+        path = tmp_path / name
+        path.write_bytes(b"not the weights")
+        with pytest.raises(FIDError, match="SHA-256"):
+            eval_fid.load_inception(path)
+    with pytest.raises(FIDError, match="cannot read"):  # the hash check can be waived; the content still is checked
+        eval_fid.load_inception(path, check_hash=False)
+    assert eval_fid.KNOWN_SHA256["pt_inception-2015-12-05-6726825d.pth"].startswith("6726825d")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update({"AuxLogits.fc.weight": torch.zeros(1000, 768)}), "AuxLogits.fc.weight"),
+    (lambda s: s.update({"fc.weight": torch.zeros(1000, 2048)}), "fc.weight"),
+    (lambda s: s.pop("Mixed_7c.branch_pool.bn.running_var"), "Mixed_7c.branch_pool.bn.running_var"),
+])
+def test_foreign_state_dicts_are_named(random_state, inception, change, message):
+    state = dict(random_state)
+    change(state)
+    with pytest.raises(FIDError, match=message.replace(".", r"\.")):
+        eval_fid.inception_state_dict(state, inception, "foreign.pth")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_code_is_never_run(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, protocol=2))
+    with pytest.raises(FIDError):
+        eval_fid.load_inception(path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# Fréchet distance
+# ---------------------------------------------------------------------------
+
+def _spd(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / d
+
+
+def test_equal_covariances_give_squared_mean_distance():
+    rng = np.random.default_rng(0)
+    sigma = _spd(rng, 32)
+    mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
+    assert frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9)
+
+
+def test_diagonal_covariances_closed_form():
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.01, 3, 50), rng.uniform(0.01, 3, 50)
+    mu1, mu2 = rng.standard_normal(50), rng.standard_normal(50)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_identical_zero_and_symmetric():
+    rng = np.random.default_rng(2)
+    mu1, mu2, s1, s2 = rng.standard_normal(40), rng.standard_normal(40), _spd(rng, 40), _spd(rng, 40)
+    assert frechet_distance(mu1, s1, mu1, s1) < 1e-9
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-10)
+
+
+def test_matches_sqrtm_formula_when_well_conditioned():
+    rng = np.random.default_rng(3)
+    d = 24
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = _spd(rng, d) + np.eye(d), _spd(rng, d) + np.eye(d)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_rank_deficient_covariances():
+    """S1 = A A^T, S2 = B B^T of rank 5 in 64-d: tr((S1 S2)^1/2) is the nuclear norm of A^T B."""
+    rng = np.random.default_rng(4)
+    d, r = 64, 5
+    a, b = rng.standard_normal((d, r)), rng.standard_normal((d, r))
+    s1, s2 = a @ a.T, b @ b.T
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    nuclear = np.linalg.svd(a.T @ b, compute_uv=False).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * nuclear
+    got = frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) < 1e-8 * np.trace(s1)
+    # covariances of 10 samples in 256-d (rank 9): finite, and 0 against themselves
+    x = rng.standard_normal((10, 256))
+    sigma = np.cov(x, rowvar=False)
+    assert frechet_distance(x.mean(0), sigma, x.mean(0), sigma) < 1e-8 * np.trace(sigma)
+
+
+def test_mismatched_statistics_are_an_error():
+    with pytest.raises(FIDError, match="do not match"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------------------
+# Statistics and cache
+# ---------------------------------------------------------------------------
+
+def test_running_stats_equal_numpy_cov():
+    rng = np.random.default_rng(5)
+    x = 1e4 + rng.standard_normal((300, 20))  # far from zero: the shifted sums stay exact
+    stats = eval_fid.RunningStats()
+    for chunk in np.array_split(x, 7):
+        stats.update(chunk.astype(np.float32))
+    mu, sigma = stats.result()
+    x32 = x.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu, x32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x32, rowvar=False), rtol=1e-7, atol=1e-9)
+
+
+def test_too_few_samples_needs_consent():
+    stats = eval_fid.RunningStats()
+    stats.update(np.random.default_rng(6).standard_normal((20, 32)))
+    with pytest.raises(FIDError, match="--allow-few"):
+        stats.result()
+    mu, sigma = stats.result(allow_few=True)
+    assert sigma.shape == (32, 32) and np.linalg.matrix_rank(sigma) == 19
+    with pytest.raises(FIDError, match="non-finite"):
+        stats.update(np.full((1, 32), np.nan))
+
+
+def test_stats_cache_roundtrip(tmp_path):
+    rng = np.random.default_rng(7)
+    mu, sigma = rng.standard_normal(8), _spd(rng, 8)
+    path = tmp_path / "sub" / "stats.npz"
+    eval_fid.save_stats(path, mu, sigma, 123, "ab" * 32)
+    loaded = eval_fid.load_stats(path)
+    assert np.array_equal(loaded["mu"], mu) and np.array_equal(loaded["sigma"], sigma)
+    assert loaded["n"] == 123 and loaded["inception_sha256"] == "ab" * 32
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)  # pytorch-fid's own cache format
+    assert eval_fid.load_stats(tmp_path / "pytorch_fid.npz")["n"] is None
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(FIDError, match="cannot read"):
+        eval_fid.load_stats(tmp_path / "bad.npz")
+
+
+# ---------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------
+
+def _coco_json(path: Path, n_images: int = 30) -> Path:
+    images = [{"id": 1000 + i, "file_name": f"COCO_val2014_{1000 + i:012d}.jpg"} for i in range(n_images)]
+    annotations = [{"id": 5 * i + j, "image_id": 1000 + i, "caption": f" A photo  {i} caption {j}.\n"}
+                   for i in range(n_images) for j in range(5)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}), encoding="utf-8")
+    return path
+
+
+def test_coco_caption_sampling(tmp_path):
+    path = _coco_json(tmp_path / "captions_val2014.json")
+    items = eval_fid.read_captions(path, 10, seed=0)
+    assert items == eval_fid.coco_captions(path, 10, seed=0)  # generate and reference draw the same list
+    assert items != eval_fid.coco_captions(path, 10, seed=1)
+    assert len({item["image_id"] for item in items}) == 10  # one caption per sampled image
+    for item in items:
+        i = item["image_id"] - 1000
+        assert item["caption"].startswith(f"A photo {i} caption ")  # whitespace cleaned, caption of that image
+        assert item["file_name"] == f"COCO_val2014_{item['image_id']:012d}.jpg"
+    with pytest.raises(FIDError, match="fewer than"):
+        eval_fid.coco_captions(path, 31)
+
+
+def test_text_captions(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("a red circle\n\n  a blue   square \nthird\n", encoding="utf-8")
+    assert [c["caption"] for c in eval_fid.read_captions(path, 2)] == ["a red circle", "a blue square"]
+    path.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(FIDError, match="UTF-8"):
+        eval_fid.read_captions(path, 2)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _image_folder(folder: Path, seed: int, n: int = 3, size: int = 48) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def cheap_features(monkeypatch):
+    """The command-line tests check the plumbing; the network itself is checked against torch-fidelity above.
+    A cheap stand-in for the forward pass: 64 pixel values of the (already 299x299) input (64 dimensions
+    keep the 2048x2048 eigendecompositions, seconds each on a busy CPU, out of the default run)."""
+    def forward(self, images):
+        assert images.shape[1:] == (3, 299, 299)
+        return images.float().flatten(1)[:, ::4177][:, :64] / 255  # (B, 64)
+    monkeypatch.setattr(eval_fid.InceptionV3, "forward", forward)
+
+
+def _last_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_cli_stats_then_fid(tmp_path, weights, cheap_features, capsys):
+    folder = _image_folder(tmp_path / "a", seed=0)
+    stats = tmp_path / "a.npz"
+    assert eval_fid.main(["stats", str(folder), str(stats), "--inception", str(weights), "--allow-few",
+                          "--device", "cpu", "--batch-size", "2"]) == 0
+    cached = eval_fid.load_stats(stats)
+    sha = eval_fid.sha256_file(weights)
+    assert cached["n"] == 3 and cached["inception_sha256"] == sha
+    assert f"sha256 {sha}" in capsys.readouterr().err  # the weights' hash is printed
+    report = tmp_path / "out" / "fid.json"
+    assert eval_fid.main(["fid", str(folder), str(stats), "--inception", str(weights), "--allow-few",
+                          "--json", str(report)]) == 0
+    assert "FID 0.0000" in capsys.readouterr().out  # a folder and its cached statistics agree
+    assert json.loads(report.read_text())["fid"] < 1e-9
+
+    other = tmp_path / "b.npz"
+    eval_fid.save_stats(other, cached["mu"] + 1, cached["sigma"], 3, sha)
+    assert eval_fid.main(["fid", str(stats), str(other), "--inception", str(weights)]) == 0
+    assert f"FID {64:.4f}" in capsys.readouterr().out  # equal covariances: ||1||^2 over 64 dims
+
+    eval_fid.save_stats(other, cached["mu"], cached["sigma"], 3, "0" * 64)
+    assert eval_fid.main(["fid", str(stats), str(other), "--inception", str(weights)]) == 1
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and "recompute" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fid", "{a}", "{a}", "--inception", "{w}"], "--allow-few"),
+    (["fid", "{a}", "{missing}", "--inception", "{w}", "--allow-few"], "not a folder"),
+    (["fid", "{a}", "{a}", "--inception", "{missing}"], "Inception weights not found"),
+    (["stats", "{empty}", "{out}", "--inception", "{w}"], "no images"),
+    (["fid", "{a}", "{bad_image}", "--inception", "{w}", "--allow-few"], "cannot read image"),
+    (["generate", "--checkpoint", "{a}", "--captions", "{missing}", "--out", "{out}"], "not found"),
+    (["shapes", "--checkpoint", "{a}", "--device", "nonsense"], "device"),
+])
+def test_cli_errors_are_one_line(tmp_path, weights, cheap_features, capsys, args, message):
+    folder = _image_folder(tmp_path / "a", seed=1, n=2, size=8)
+    bad = _image_folder(tmp_path / "bad", seed=1, n=2, size=8)
+    (bad / "1.png").write_bytes(b"truncated")
+    (tmp_path / "empty").mkdir()
+    names = {"a": folder, "w": weights, "missing": tmp_path / "missing", "empty": tmp_path / "empty",
+             "out": tmp_path / "out.npz", "bad_image": bad}
+    assert eval_fid.main([a.format(**names) for a in args]) == 1
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and message in line
