@@ -18,9 +18,20 @@ Command line:
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import argparse
+import gzip
+import html
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import ftfy
+import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +39,226 @@ import torch.nn.functional as F
 
 class ClipTextError(ValueError):
     """A user error in this module: a missing vocabulary, an unreadable checkpoint, ..."""
+
+
+# ----------------------------------------------------------------------------------------
+# Byte-level BPE tokenizer
+# ----------------------------------------------------------------------------------------
+
+BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"  # the file OpenAI CLIP and open_clip ship
+BPE_ENV = "EMAGE_CLIP_BPE"  # environment variable naming a vocabulary file
+SHAPES_BPE_PATH = Path(__file__).resolve().parent / "checkpoints" / "shapes" / "bpe_shapes.txt.gz"
+SHAPES_VOCAB_SIZE = 573  # ids in SHAPES_BPE_PATH (`python clip_text.py learn-bpe` prints it)
+# OpenAI's file holds 262,144 merges but CLIP reads only the first 49152 - 256 - 2 of them,
+# which gives 512 byte tokens + 48,894 merges + 2 special tokens = 49,408 ids.
+MAX_MERGES = 49152 - 256 - 2
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # always the last two ids: EOT is the largest
+END_OF_WORD = "</w>"
+# CLIP's pre-tokenisation: special tokens, English contractions, runs of letters, single
+# digits, runs of other non-space characters. The text is lower-cased before it is applied.
+WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+def _byte_to_char() -> dict[int, str]:
+    """Each of the 256 bytes as one printable unicode character (GPT-2's reversible byte map).
+
+    Bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
+    themselves; the other 68 (controls, space, soft hyphen, ...) take the code points 256,
+    257, ... in byte order, so no BPE symbol ever contains a space or a newline.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_TO_CHAR = _byte_to_char()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def clean_text(text: str) -> str:
+    """CLIP's normalisation: ftfy fix-up, HTML unescaped twice, whitespace runs -> one space, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+def _as_symbols(word: str) -> list[str]:
+    """A pre-token's bytes as BPE symbols, the last one marked as the end of a word."""
+    chars = "".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8"))
+    return [*chars[:-1], chars[-1] + END_OF_WORD]
+
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Replace every occurrence of `pair`, scanning left to right without overlaps."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def find_bpe(path: str | os.PathLike | None = None) -> Path:
+    """The vocabulary file: `path`, else $EMAGE_CLIP_BPE, else the copy inside an installed
+    `open_clip` or `clip` package (located with importlib, without importing the package)."""
+    for given, origin in ((path, "the given path"), (os.environ.get(BPE_ENV) or None, f"${BPE_ENV}")):
+        if given is not None:
+            if not Path(given).is_file():
+                raise ClipTextError(f"BPE vocabulary {given} (from {origin}) is not a file; point it at {BPE_FILE_NAME}")
+            return Path(given)
+    for package in ("open_clip", "clip"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(folder) / BPE_FILE_NAME
+            if candidate.is_file():
+                return candidate
+    raise ClipTextError(
+        f"no CLIP BPE vocabulary found: pass its path, set {BPE_ENV}=/path/to/{BPE_FILE_NAME}, "
+        "or `pip install --no-deps open_clip_torch` (its wheel ships the file)"
+    )
+
+
+def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """The merges of a vocabulary file, gzipped or plain: a header line, then one "a b" per line."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip magic number
+        data = gzip.decompress(data)
+    lines = data.decode("utf-8").split("\n")[1 : 1 + MAX_MERGES]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    merges = []
+    for number, line in enumerate(lines, start=2):
+        pair = tuple(line.split())
+        if len(pair) != 2:
+            raise ClipTextError(f"line {number} of {path} is {line!r}, not a merge \"a b\"; is this a CLIP BPE file?")
+        merges.append(pair)
+    return merges
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE: text -> ids identical to OpenAI's `simple_tokenizer`.
+
+    Ids: 256 byte symbols, the same 256 ending a word ("</w>"), one id per merge in file
+    order, then the start and end tokens, so the end token has the largest id.
+    """
+
+    def __init__(self, bpe_path: str | os.PathLike | None = None):
+        self.path = find_bpe(bpe_path)
+        merges = read_merges(self.path)
+        byte_symbols = list(BYTE_TO_CHAR.values())
+        vocab = byte_symbols + [s + END_OF_WORD for s in byte_symbols] + [a + b for a, b in merges] + [SOT, EOT]
+        self.encoder = {symbol: i for i, symbol in enumerate(vocab)}  # a repeated symbol keeps its last id, as in CLIP
+        self.decoder = dict(enumerate(vocab))
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # lower rank = merged earlier
+        self.vocab_size = len(vocab)
+        self.sot_id, self.eot_id = len(vocab) - 2, len(vocab) - 1
+        self._cache: dict[str, list[str]] = {}
+        self._warned_truncation = False
+
+    def bpe(self, word: str) -> list[str]:
+        """Split one pre-token into vocabulary symbols: apply the earliest-learned merge present until none is left."""
+        if word in (SOT, EOT):  # CLIP maps the literal special-token strings to their ids
+            return [word]
+        if word not in self._cache:
+            symbols = _as_symbols(word)
+            while len(symbols) > 1:
+                pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, MAX_MERGES))
+                if pair not in self.ranks:
+                    break
+                symbols = _merge(symbols, pair)
+            if len(self._cache) > 100_000:  # bound the memory a long-running job spends on it
+                self._cache.clear()
+            self._cache[word] = symbols
+        return self._cache[word]
+
+    def encode(self, text: str) -> list[int]:
+        """Caption -> ids, without the start and end tokens."""
+        return [self.encoder[s] for word in WORD_PATTERN.findall(clean_text(text)) for s in self.bpe(word)]
+
+    def decode(self, ids) -> str:
+        """Ids -> text; every end of word becomes a space (so the text ends with one), as in CLIP."""
+        try:
+            symbols = "".join(self.decoder[int(i)] for i in ids)
+        except KeyError as e:
+            raise ClipTextError(f"id {e.args[0]} is outside this vocabulary of {self.vocab_size} ids") from None
+        data = bytearray(CHAR_TO_BYTE[c] for c in symbols)
+        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
+
+    def __call__(self, texts: str | list[str], context_length: int = 77) -> torch.Tensor:
+        """Captions -> LongTensor[B, context_length]: start, ids, end, then 0 as padding.
+
+        An over-long caption is cut to `context_length` ids whose last is still the end token
+        (CLIP's truncation); a warning says so once per tokenizer.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if context_length < 2:
+            raise ClipTextError(f"context_length {context_length} leaves no room for the start and end tokens; use >= 2")
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)  # (B, L)
+        for row, text in enumerate(texts):
+            ids = [self.sot_id, *self.encode(text), self.eot_id]
+            if len(ids) > context_length:
+                if not self._warned_truncation:
+                    warnings.warn(f"caption of {len(ids)} tokens cut to {context_length}: {text[:60]!r}...")
+                    self._warned_truncation = True
+                ids = ids[: context_length - 1] + [self.eot_id]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+def learn_bpe(texts, vocab_size: int, out_path: str | os.PathLike) -> int:
+    """Learn a byte-level BPE vocabulary of at most `vocab_size` ids from `texts`; write it to
+    `out_path` in CLIP's file format (gzipped when the name ends in .gz). Returns the number of ids.
+
+    Texts are cleaned and pre-tokenised exactly as `Tokenizer.encode` does. Each round merges
+    the most frequent adjacent pair over all words (ties: the pair seen first), until the
+    vocabulary is full or every word is a single symbol; so a small corpus may stop early.
+    Plain counting, O(merges x distinct words): meant for small vocabularies.
+    """
+    n_merges = vocab_size - 2 * 256 - 2
+    if n_merges < 0:
+        raise ClipTextError(f"vocab_size {vocab_size} is below the 514 ids of the bytes and special tokens; use >= 514")
+    counts = Counter(w for text in texts for w in WORD_PATTERN.findall(clean_text(text)) if w not in (SOT, EOT))
+    words = {tuple(_as_symbols(w)): c for w, c in counts.items()}  # symbols of each distinct word -> count
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: Counter = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=pairs.__getitem__)  # first of the most frequent, in corpus order
+        merges.append(best)
+        words = {tuple(_merge(list(symbols), best)): c for symbols, c in words.items()}
+    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    data = text.encode("utf-8")
+    if str(out_path).endswith(".gz"):
+        data = gzip.compress(data, mtime=0)  # mtime 0: the same corpus gives the same bytes
+    _write_atomic(Path(out_path), data)
+    return 2 * 256 + len(merges) + 2
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,6 +418,267 @@ class TextEncoder(nn.Module):
         pooled = states[torch.arange(B, device=tokens.device), end] @ self.text_projection  # (B, P)
         return states, pooled
 
+# ----------------------------------------------------------------------------------------
+# Checkpoints: native, OpenAI, Hugging Face
+# ----------------------------------------------------------------------------------------
 
-# Filled in below with the tokenizer; the shapes preset needs its vocabulary size.
-SHAPES_VOCAB_SIZE = 512 + 2
+NATIVE_FORMAT = "emage.clip_text"  # the "format" field of a native config.json
+# Parts of a full CLIP checkpoint that are not the text tower, skipped on purpose: the image
+# tower and the contrastive temperature; OpenAI's TorchScript archive also keeps three
+# hyper-parameters as tensors, and open_clip saves its causal mask.
+OPENAI_SKIPPED = ("visual.", "logit_scale", "input_resolution", "context_length", "vocab_size", "attn_mask")
+HF_SKIPPED = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids")
+
+
+def save_clip_text(encoder: TextEncoder, out_dir: str | os.PathLike) -> None:
+    """Write the native format: config.json (the TextConfig) + model.safetensors, each atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"format": NATIVE_FORMAT, "config": asdict(encoder.config)}
+    _write_atomic(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    tmp = out / f".model.safetensors.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a `code/` folder and `constants.pkl`."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _read_tensors(path: Path, trust_torchscript: bool) -> dict[str, torch.Tensor]:
+    """The tensors of one weights file, never unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if _is_torchscript(path):
+        if not trust_torchscript:
+            raise ClipTextError(
+                f"{path} is a TorchScript archive, and loading TorchScript can run code from the file; "
+                "if you trust it pass trust_torchscript=True (--trust-torchscript), then `convert` it once"
+            )
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with objects other than tensors, or not a checkpoint at all
+        raise ClipTextError(f"{path} is not a weights-only state dict ({type(e).__name__}); convert it to safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # open_clip training checkpoints
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ClipTextError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _config_from_shapes(weights: dict[str, torch.Tensor], heads: int | None) -> TextConfig:
+    """Rebuild the TextConfig from tensor shapes (in native/OpenAI key names), as CLIP's `build_model` does."""
+    vocab_size, width = weights["token_embedding.weight"].shape
+    layers = len({k.split(".")[2] for k in weights if k.startswith("transformer.resblocks.")})
+    return TextConfig(
+        vocab_size=vocab_size,
+        context_length=weights["positional_embedding"].shape[0],
+        width=width,
+        heads=heads or width // 64,  # every OpenAI CLIP text tower uses 64-dimensional heads
+        layers=layers,
+        embed_dim=weights["text_projection"].shape[1],
+    )
+
+
+def openai_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI (and open_clip) key names are ours already: keep every text key, drop the rest."""
+    return {k: v for k, v in state.items() if not k.startswith(OPENAI_SKIPPED)}
+
+
+def hf_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face CLIP text keys -> native keys; every text key is consumed or it is an error.
+
+    q, k and v are separate Linear layers there and one fused `in_proj` here (stacked in that
+    order); `text_projection` is a bias-free Linear there, a (width, embed_dim) matrix here.
+    A CLIPTextModel has no projection: the identity stands in, so `pooled` is its pooler output.
+    """
+    state = {k: v for k, v in state.items() if not k.startswith(HF_SKIPPED)}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise ClipTextError(f"Hugging Face checkpoint lacks {key}; is it a CLIP text model?")
+        used.add(key)
+        return state[key]
+
+    t = "text_model."
+    width = take(t + "final_layer_norm.weight").shape[0]
+    out = {
+        "token_embedding.weight": take(t + "embeddings.token_embedding.weight"),
+        "positional_embedding": take(t + "embeddings.position_embedding.weight"),
+        "ln_final.weight": state[t + "final_layer_norm.weight"],
+        "ln_final.bias": take(t + "final_layer_norm.bias"),
+    }
+    layers = len({k.split(".")[3] for k in state if k.startswith(t + "encoder.layers.")})
+    for i in range(layers):
+        src, dst = f"{t}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{part}"] = torch.cat([take(src + f"self_attn.{p}_proj.{part}") for p in "qkv"])
+            out[dst + f"attn.out_proj.{part}"] = take(src + f"self_attn.out_proj.{part}")
+            out[dst + f"ln_1.{part}"] = take(src + f"layer_norm1.{part}")
+            out[dst + f"ln_2.{part}"] = take(src + f"layer_norm2.{part}")
+            out[dst + f"mlp.c_fc.{part}"] = take(src + f"mlp.fc1.{part}")
+            out[dst + f"mlp.c_proj.{part}"] = take(src + f"mlp.fc2.{part}")
+    if "text_projection.weight" in state:
+        out["text_projection"] = take("text_projection.weight").t()  # (P, D) -> (D, P)
+    else:
+        out["text_projection"] = torch.eye(width, dtype=out["ln_final.weight"].dtype)
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ClipTextError(f"{len(unused)} Hugging Face keys have no place in the text tower, e.g. {unused[:3]}")
+    return out
+
+
+def _hf_text_config(config_path: Path) -> dict:
+    """The text part of a Hugging Face config.json (CLIPModel nests it under "text_config")."""
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config") or config
+    # Keys left out of the file mean the CLIPTextConfig defaults (save_pretrained writes only differences).
+    act, eps = text.get("hidden_act", "quick_gelu"), text.get("layer_norm_eps", 1e-5)
+    if act != "quick_gelu" or eps != 1e-5:
+        raise ClipTextError(f"{config_path}: hidden_act={act}, layer_norm_eps={eps}; only CLIP's quick_gelu and 1e-5 are built here")
+    return text
+
+
+def _build(weights: dict[str, torch.Tensor], config: TextConfig, source: Path) -> TextEncoder:
+    """Assert every key and shape against a freshly built encoder, then load strictly."""
+    encoder = TextEncoder(config)
+    expected = encoder.state_dict()
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ClipTextError(f"{source}: missing keys {missing[:3]}, unexpected keys {extra[:3]}; not a CLIP text tower?")
+    for key, value in expected.items():
+        if weights[key].shape != value.shape:
+            raise ClipTextError(f"{source}: {key} has shape {tuple(weights[key].shape)}, expected {tuple(value.shape)}")
+    encoder.load_state_dict(weights, strict=True)
+    return encoder
+
+
+def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) -> TextEncoder:
+    """A TextEncoder (fp32, eval mode) from any supported checkpoint:
+
+    - a native directory (config.json with "format": "emage.clip_text" + model.safetensors);
+    - a Hugging Face CLIPModel, CLIPTextModel or CLIPTextModelWithProjection: a directory with
+      config.json + model.safetensors (or pytorch_model.bin), or the weights file alone
+      (heads then taken as width // 64, OpenAI's rule);
+    - an OpenAI CLIP checkpoint: a plain state dict (.pt/.bin/.safetensors), or the TorchScript
+      archive of the OpenAI release, which needs `trust_torchscript=True`.
+    """
+    path = Path(path)
+    config_path, heads = None, None
+    if path.is_dir():
+        config_path = path / "config.json"
+        weights_path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+        if weights_path is None or not config_path.is_file():
+            raise ClipTextError(f"{path} needs config.json and model.safetensors; is it a CLIP checkpoint directory?")
+    elif path.is_file():
+        weights_path = path
+        config_path = path.with_name("config.json") if path.with_name("config.json").is_file() else None
+    else:
+        raise ClipTextError(f"checkpoint {path} does not exist")
+    state = _read_tensors(weights_path, trust_torchscript)
+    native_config = None
+    if config_path is not None:
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") == NATIVE_FORMAT:
+            native_config = TextConfig(**meta["config"])
+    if native_config is not None:
+        return _build(state, native_config, path).eval()
+    if any(k.startswith("text_model.") for k in state):
+        weights = hf_to_native(state)
+        if config_path is not None:
+            heads = _hf_text_config(config_path).get("num_attention_heads", 8)  # CLIPTextConfig's default
+    elif "token_embedding.weight" in state:
+        weights = openai_to_native(state)
+    else:
+        raise ClipTextError(f"{weights_path} has neither OpenAI nor Hugging Face CLIP text keys")
+    return _build(weights, _config_from_shapes(weights, heads), path).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+
+def _convert(args: argparse.Namespace) -> None:
+    encoder = load_clip_text(args.src, trust_torchscript=args.trust_torchscript)
+    save_clip_text(encoder, args.out_dir)
+    print(f"wrote {args.out_dir}: {encoder.config}")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    encoder = load_clip_text(args.checkpoint, trust_torchscript=args.trust_torchscript)
+    tokenizer = Tokenizer(args.bpe)
+    if tokenizer.vocab_size != encoder.config.vocab_size:
+        raise ClipTextError(
+            f"the vocabulary {tokenizer.path} has {tokenizer.vocab_size} ids but the encoder "
+            f"{encoder.config.vocab_size}; pass the matching --bpe"
+        )
+    tokens = tokenizer(args.texts, context_length=encoder.config.context_length)  # (B, L)
+    with torch.no_grad():
+        _, pooled = encoder(tokens)  # (B, P)
+    for text, row, vector in zip(args.texts, tokens, pooled):
+        ids = row[: int(row.argmax()) + 1].tolist()
+        print(f"{text!r}\n  ids: {ids}\n  pooled norm: {vector.norm().item():.6f}")
+
+
+def _learn_bpe(args: argparse.Namespace) -> None:
+    if args.texts:
+        texts = Path(args.texts).read_text(encoding="utf-8").splitlines()
+    else:
+        import random
+
+        import shapes
+
+        rng = random.Random(args.seed)
+        texts = [shapes.sample_caption(rng, "train") for _ in range(args.captions)]
+    size = learn_bpe(texts, args.vocab_size, args.out)
+    print(f"wrote {args.out}: {size} ids (of at most {args.vocab_size})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("convert", help="any supported checkpoint -> native dir", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="OpenAI .pt / state dict, Hugging Face dir or file, or a native dir")
+    p.add_argument("out_dir", help="where to write config.json + model.safetensors")
+    p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
+    p.set_defaults(run=_convert)
+
+    p = commands.add_parser("encode", help="print token ids and the pooled vector's norm", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("texts", nargs="+", help="captions to encode")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint load_clip_text reads")
+    p.add_argument("--bpe", default=None, help=f"vocabulary file (default: ${BPE_ENV}, else the one open_clip ships)")
+    p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
+    p.set_defaults(run=_encode)
+
+    p = commands.add_parser("learn-bpe", help="learn a small vocabulary in CLIP's file format", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(SHAPES_BPE_PATH), help="output file (.gz: gzipped)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="most ids to learn (stops early once every word is one symbol)")
+    p.add_argument("--texts", default=None, help="a text file, one caption per line (default: shapes-world training captions)")
+    p.add_argument("--captions", type=int, default=20000, help="shapes captions to draw when --texts is not given")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes caption stream")
+    p.set_defaults(run=_learn_bpe)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ClipTextError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
