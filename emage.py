@@ -223,10 +223,10 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     The inverse CDF (count the cumulative probabilities below u) keeps the sampling free of
     random ops, so the same u gives the same token in every runtime.
     """
-    probs = F.softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # (B, n, K)
-    if temperature == 0:
-        p, tokens = probs.max(-1)
+    if temperature == 0:  # greedy; the confidence is the model's own probability
+        p, tokens = F.softmax(logits.float(), dim=-1).max(-1)
         return tokens, p
+    probs = F.softmax(logits.float() / temperature, dim=-1)  # (B, n, K)
     cdf = probs.cumsum(-1)  # (B, n, K)
     target = u[..., None] * cdf[..., -1:]  # (B, n, 1)
     tokens = (cdf < target).sum(-1).clamp(max=logits.shape[-1] - 1)  # (B, n)
@@ -383,11 +383,7 @@ class Emage(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * self.config.layers) if name.endswith("proj.weight") or ".mlp.2." in name else 0.02
-                nn.init.normal_(p, std=std)
-        for block in self.blocks:
-            for ln in (block.ln_1, block.ln_2, block.ln_3):
-                nn.init.ones_(ln.weight)
-        nn.init.ones_(self.ln_f.weight)
+                nn.init.normal_(p, std=std)  # LayerNorm weights (1-d) keep their ones
 
     # -- text -------------------------------------------------------------------------------
 
