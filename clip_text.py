@@ -159,7 +159,9 @@ class Tokenizer:
     def __init__(self, bpe_path: str | os.PathLike | None = None):
         self.path = find_bpe(bpe_path)
         merges = read_merges(self.path)
-        byte_symbols = list(BYTE_TO_CHAR.values())
+        # Byte symbols in code point order: the printable bytes first, then the 68 remapped ones
+        # (the order of CLIP's vocabulary, so 'a' is id 64 and 'a</w>' is id 256 + 64).
+        byte_symbols = sorted(BYTE_TO_CHAR.values())
         vocab = byte_symbols + [s + END_OF_WORD for s in byte_symbols] + [a + b for a, b in merges] + [SOT, EOT]
         self.encoder = {symbol: i for i, symbol in enumerate(vocab)}  # a repeated symbol keeps its last id, as in CLIP
         self.decoder = dict(enumerate(vocab))
