@@ -478,7 +478,7 @@ class _InceptionInputs(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         rgb = item if isinstance(item, np.ndarray) else self.load(item)
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = resize_bilinear_tf1(x, INPUT_SIZE)
         return x[0]  # (3, 299, 299)
@@ -567,7 +567,7 @@ def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     square = Image.fromarray(rgb[top:top + side, left:left + side])
-    return np.asarray(square.resize((size, size), Image.BICUBIC))
+    return np.array(square.resize((size, size), Image.BICUBIC))
 
 
 def _read_cropped(path: Path, size: int) -> np.ndarray:
@@ -744,6 +744,11 @@ def _write_json(path, data) -> None:
 
 
 def _inception(args, device) -> InceptionV3:
+    if str(device).startswith("cuda"):
+        # TF32 convolutions (cuDNN's default on Ampere and later) round inputs to 10-bit
+        # mantissas; FID is defined in full float32, and published numbers assume it.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     model = load_inception(args.inception, check_hash=not args.no_hash_check).to(device)
     print(f"inception weights {args.inception} sha256 {model.sha256}", file=sys.stderr)
     return model

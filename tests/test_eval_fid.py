@@ -388,3 +388,146 @@ def test_cli_errors_are_one_line(tmp_path, weights, cheap_features, capsys, args
     assert eval_fid.main([a.format(**names) for a in args]) == 1
     line = _last_error_line(capsys.readouterr().err)
     assert line.startswith("error: ") and message in line
+
+
+# ---------------------------------------------------------------------------
+# generate and shapes: a tiny random generator saved as a real checkpoint
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    import clip_text
+    import emage
+    import vqgan
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    vqgan.save_vqgan(vqgan.VQGAN(vqgan.VQGANConfig.shapes()), root / "vqgan")
+    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    text = clip_text.TextConfig(vocab_size=tokenizer.vocab_size, context_length=24, width=32, heads=2, layers=1,
+                                embed_dim=32)
+    config = emage.EmageConfig(text=text, codebook_size=512, grid=(8, 8), width=32, layers=1, heads=2)
+    emage.save_checkpoint(emage.Emage(config), root / "emage", variant=3, step=7,
+                          tokenizer_path=clip_text.SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
+    return root / "emage"
+
+
+def _png_text(path: Path) -> dict:
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_generate_writes_captioned_pngs_and_resumes(tmp_path, tiny_checkpoint, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(["a red circle", "a blue square", "a small green triangle",
+                                   "a cyan square above a red circle", "a yellow circle", "unused"]), encoding="utf-8")
+    out = tmp_path / "samples"
+    args = ["generate", "--checkpoint", str(tiny_checkpoint), "--captions", str(captions), "--out", str(out),
+            "--num-captions", "5", "--batch-size", "2", "--steps", "3", "--device", "cpu"]
+    assert eval_fid.main(args) == 0
+    paths = sorted(out.glob("*.png"))
+    assert [p.name for p in paths] == [f"{i:05d}.png" for i in range(5)]
+    first = {p.name: p.read_bytes() for p in paths}
+    with Image.open(paths[3]) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    text = _png_text(paths[3])
+    assert text["caption"] == "a cyan square above a red circle" and text["index"] == "3"
+
+    (out / "00001.png").unlink()
+    (out / "00004.png").unlink()
+    capsys.readouterr()
+    assert eval_fid.main(args) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))} == first  # same images after resuming
+
+    assert eval_fid.main(args[:-6] + ["--num-captions", "4", "--batch-size", "2", "--steps", "3"]) == 1
+    assert "manifest.json" in _last_error_line(capsys.readouterr().err)  # another caption list: refused
+    assert eval_fid.main(args + ["--candidates", "2"]) == 1
+    assert "--clip" in _last_error_line(capsys.readouterr().err)
+
+
+def test_generate_from_coco_json(tmp_path, tiny_checkpoint):
+    path = _coco_json(tmp_path / "captions_val2014.json", n_images=4)
+    out = tmp_path / "coco"
+    assert eval_fid.main(["generate", "--checkpoint", str(tiny_checkpoint), "--captions", str(path), "--out", str(out),
+                          "--num-captions", "3", "--steps", "2", "--seed", "5"]) == 0
+    items = eval_fid.coco_captions(path, 3, seed=5)
+    for i, item in enumerate(items):
+        text = _png_text(out / f"{i:05d}.png")
+        assert text["caption"] == item["caption"] and text["coco_image_id"] == str(item["image_id"])
+
+
+def test_reranking_keeps_the_best_candidate(tmp_path, tiny_checkpoint):
+    items = [{"caption": "a red circle"}, {"caption": "a blue square"}]
+    scores_seen = []
+
+    def brightest(candidates, caption):  # (C, H, W, 3) uint8 -> (C,) scores
+        scores = candidates.reshape(len(candidates), -1).mean(1)
+        scores_seen.append(scores)
+        return scores
+
+    eval_fid.generate_folder(tiny_checkpoint, items, tmp_path / "out", candidates=4, batch_size=2, seed=3,
+                             rerank=brightest, progress=False, steps=2)
+    model, tokenizer, vq, _ = eval_fid._load_generator(tiny_checkpoint, "cpu")
+    generator = torch.Generator().manual_seed(3 * 1_000_003 + 0)  # batch 0 of seed 3
+    candidates = eval_fid.generate_images(model, tokenizer, vq, [it["caption"] for it in items], generator,
+                                          num_candidates=4, steps=2).reshape(2, 4, 64, 64, 3)
+    for i in range(2):
+        assert len(set(scores_seen[i].tolist())) == 4  # distinct candidates, so the choice is visible
+        best = candidates[i, int(np.argmax(scores_seen[i]))]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")), best)
+
+
+def test_shapes_accuracy_counts_seen_and_novel(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import shapes
+
+    report_path = tmp_path / "shapes.json"
+    assert eval_fid.main(["shapes", "--checkpoint", str(tiny_checkpoint), "--seeds", "2", "--steps", "2",
+                          "--limit", "6", "--json", str(report_path)]) == 0
+    assert "seen:" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert len(report["results"]) == 12 and report["all"]["count"] == 12
+    assert report["seen"]["count"] + report["novel"]["count"] == 12
+
+    # A generator that draws exactly what it is asked (the renderer) must score 1.0 on every caption;
+    # one that always draws a red circle passes only on that caption.
+    def render(model, tokenizer, vq, captions, generator, **kw):
+        return np.stack([np.asarray(shapes.render(c, seed=int(generator.initial_seed()) % 1000)) for c in captions])
+
+    monkeypatch.setattr(eval_fid, "generate_images", render)
+    report = eval_fid.shapes_accuracy(tiny_checkpoint, seeds=1, progress=False, steps=2)
+    novel = sum(shapes.is_novel(c) for c in shapes.eval_captions())
+    assert report["all"] == {"accuracy": 1.0, "count": len(shapes.eval_captions())}
+    assert report["novel"]["count"] == novel > 0
+
+    monkeypatch.setattr(eval_fid, "generate_images", lambda m, t, v, captions, g, **kw: np.stack(
+        [np.asarray(shapes.render("a large red circle", seed=0))] * len(captions)))
+    captions = ["a large red circle", "a blue square", "a red circle", "a cyan circle"]
+    report = eval_fid.shapes_accuracy(tiny_checkpoint, captions, seeds=2, progress=False)
+    assert [r["passed"] for r in report["results"]] == [True, False, True, False] * 2
+    assert report["seen"] == {"accuracy": 2 / 3, "count": 6} and report["novel"] == {"accuracy": 0.0, "count": 2}
+
+
+def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_features):
+    """`reference` draws the same images as `generate` and centre-crops each to --size before Inception."""
+    captions = _coco_json(tmp_path / "captions_val2014.json", n_images=6)
+    images = tmp_path / "val2014"
+    images.mkdir()
+    rng = np.random.default_rng(9)
+    for i, (h, w) in enumerate([(40, 60), (64, 48), (50, 50), (30, 90), (72, 40), (45, 45)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            images / f"COCO_val2014_{1000 + i:012d}.jpg", quality=95)
+    out = tmp_path / "ref.npz"
+    assert eval_fid.main(["reference", "--captions", str(captions), "--images", str(images), "--out", str(out),
+                          "--num-captions", "4", "--size", "32", "--inception", str(weights), "--allow-few"]) == 0
+    chosen = eval_fid.coco_captions(captions, 4, seed=0)
+    crops = [eval_fid.center_crop_resize(eval_fid.read_rgb(images / c["file_name"]), 32) for c in chosen]
+    assert all(crop.shape == (32, 32, 3) for crop in crops)
+    mu, sigma = eval_fid.image_stats(eval_fid.load_inception(weights), crops, allow_few=True, progress=False)
+    stats = eval_fid.load_stats(out)
+    assert stats["n"] == 4
+    np.testing.assert_allclose(stats["mu"], mu, rtol=1e-12)
+    np.testing.assert_allclose(stats["sigma"], sigma, rtol=1e-12, atol=1e-15)
+    (images / chosen[0]["file_name"]).unlink()
+    assert eval_fid.main(["reference", "--captions", str(captions), "--images", str(images), "--out", str(out),
+                          "--num-captions", "4", "--inception", str(weights)]) == 1
