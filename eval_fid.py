@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import random
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -269,14 +268,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def expected_sha256(path: Path) -> str | None:
-    """The published hash for a known file name, else the hash prefix torch.hub puts in names (`-6726825d.pth`)."""
-    if path.name in KNOWN_SHA256:
-        return KNOWN_SHA256[path.name]
-    match = re.search(r"-([0-9a-f]{8,64})\.pth?$", path.name)
-    return match.group(1) if match else None
-
-
 def inception_state_dict(source: dict, model: InceptionV3, origin: str) -> dict:
     """Map a pytorch-fid / torch-fidelity state dict onto `model`, checking every key and shape.
 
@@ -306,15 +297,16 @@ def load_inception(path, check_hash: bool = True) -> InceptionV3:
     """Build the FID InceptionV3 from a weights file (eval mode, no gradients); `.sha256` holds the file's hash.
 
     The file is read with `torch.load(weights_only=True)`: tensors only, no code.
-    Its SHA-256 is compared with the published one when the file name is known.
+    Its SHA-256 is compared with the published one when the file has a published
+    name (a renamed copy is loaded, and the command line says whether it matches).
     """
     path = Path(path)
     if not path.is_file():
         raise FIDError(f"Inception weights not found at {path}: download {INCEPTION_URLS[0]} "
                        "and pass its path with --inception")
     digest = sha256_file(path)
-    want = expected_sha256(path)
-    if check_hash and want is not None and not digest.startswith(want):
+    want = KNOWN_SHA256.get(path.name)
+    if check_hash and want is not None and digest != want:
         raise FIDError(f"{path} has SHA-256 {digest}, the published file has {want}: it is damaged or "
                        "another model; download it again (or pass --no-hash-check to use it anyway)")
     try:
@@ -648,7 +640,7 @@ def generate_folder(checkpoint, items: list[dict], out_dir, *, candidates: int =
             raise FIDError(f"{out_dir} holds images of another caption list or settings (see its manifest.json): "
                            "choose a new --out folder, or rerun with the same arguments to resume")
     else:
-        manifest_path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _write_json(manifest_path, manifest)
 
     width = max(5, len(str(len(items) - 1)))
     paths = [out_dir / f"{i:0{width}d}.png" for i in range(len(items))]
@@ -750,7 +742,9 @@ def _inception(args, device) -> InceptionV3:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     model = load_inception(args.inception, check_hash=not args.no_hash_check).to(device)
-    print(f"inception weights {args.inception} sha256 {model.sha256}", file=sys.stderr)
+    verdict = ("the published FID weights" if model.sha256 == _INCEPTION_SHA256 else
+               "NOT the published FID weights: values are not comparable with published FIDs")
+    print(f"inception weights {args.inception} sha256 {model.sha256} ({verdict})", file=sys.stderr)
     return model
 
 
@@ -853,19 +847,19 @@ def _add_inception_args(p) -> None:
     p.add_argument("--batch-size", type=_positive, default=50, help="images per Inception batch")
     p.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     p.add_argument("--allow-few", action="store_true", help="compute even with fewer images than 2048 dimensions")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
 
 
 def _add_sampling_args(p, batch_size: int) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="Emage checkpoint directory")
     p.add_argument("--steps", type=_positive, default=16, help="decoding rounds T")
     p.add_argument("--algorithm", type=_algorithm, default=None,
-                   help="1, 3, full or ar (default: the one of the variant the model was trained as)")
-    p.add_argument("--schedule", default="cosine", help="inference mask schedule")
+                   help="1, 3, full or ar; unset: the one of the variant the model was trained as")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"), help="inference mask schedule")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=_positive, default=batch_size, help="captions per batch")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
 
 
 def main(argv=None) -> int:
