@@ -6,7 +6,7 @@ kept. This file holds every piece of that protocol:
 
     InceptionV3 / load_inception(path)   the TensorFlow FID Inception (2048-d pool features)
     frechet_distance(mu1, s1, mu2, s2)   FID in float64, robust to singular covariances
-    folder_stats / save_stats / load_stats   mean and covariance of a folder, cached as .npz
+    image_stats / save_stats / load_stats    mean and covariance of images, cached as .npz
     coco_captions / read_captions        the sampled caption list of the protocol
     generate_folder(...)                 resumable generation, one PNG per caption
     shapes_accuracy(...)                 the shapes world's faithfulness (SHAPES.md)
@@ -30,7 +30,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
