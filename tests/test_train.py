@@ -1,0 +1,170 @@
+"""train.py: the learning-rate schedule, a falling loss, exact resume, DDP = one process,
+clean stops on signals and on a diverged loss, and token shards from `prepare` training."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import emage
+import train
+import vqgan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "width=32", "--set", "layers=1", "--set", "heads=2", "--set", "text.width=32",
+        "--set", "text.heads=2", "--set", "text.layers=1", "--set", "text.embed_dim=32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and the CI CPU may be shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """160 shapes examples tokenised by a random 32x32 -> 4x4 VQGAN with 32 codes."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    config = vqgan.VQGANConfig(resolution=32, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                               z_channels=8, embed_dim=8, n_embed=32, quantizer="vector", norm_groups=4)
+    model = vqgan.VQGAN(config)
+    with torch.no_grad():  # spread the codebook so that the images use many codes
+        model.quantize.embedding.weight.normal_()
+    vqgan.save_vqgan(model, root / "vqgan")
+    data.prepare(data.ShapesSource(160, seed=0), root / "vqgan", root / "tokens", shard_size=64, progress=False)
+    return root
+
+
+def run(shards, out, *extra, steps=4, variant="3", batch=8):
+    args = ["--data", str(shards / "tokens"), "--vqgan", str(shards / "vqgan"), "--out", str(out), "--variant", variant,
+            "--steps", str(steps), "--batch-size", str(batch), "--log-every", "1", "--eval-every", "1000", *TINY, *extra]
+    return train.main(args)
+
+
+def weights(checkpoint_dir):
+    return load_file(str(Path(checkpoint_dir) / "model.safetensors"))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
+    total, base = 1000, 4.5e-4  # warm-up = 2 % = 20 steps
+    assert train.lr_at(0, total, base) == pytest.approx(base / 20)
+    assert train.lr_at(19, total, base) == pytest.approx(base)
+    assert train.lr_at(20, total, base) == pytest.approx(base)
+    assert train.lr_at(20 + 490, total, base) == pytest.approx(base / 2)  # halfway through the cosine
+    assert train.lr_at(999, total, base) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 979 / 980)))
+    assert train.lr_at(1000, total, base) == 0.0
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = emage.Emage(emage.EmageConfig.shapes())
+    decay, no_decay = train.param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
+    out = tmp_path / "run"
+    assert run(shards, out, "--lr", "3e-3", "--eval-every", "30", "--eval-captions", "4", steps=30, variant="1", batch=16) == 0
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses  # log(32) = 3.47 at the start
+    assert (out / "samples" / "step-0000030.png").is_file()
+    assert any("accuracy_all" in m for m in metrics(out))  # shapes accuracy of the evaluation captions
+    model, info = emage.load_checkpoint(out / "latest")
+    assert info["step"] == 30 and info["variant"] == 1 and model.config.grid == (4, 4)
+    assert Path(info["vqgan_dir"]) == (shards / "vqgan").resolve()
+    state = torch.load(out / "step-0000030" / "train_state.pt", weights_only=True)
+    assert state["step"] == 30 and state["optimizer"]["state"]
+
+
+def test_resume_repeats_an_uninterrupted_run_exactly(shards, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(shards, a, "--save-every", "2", "--keep", "3") == 0  # 4 steps, checkpoints at 2 and 4
+    assert run(shards, b, "--resume", str(a / "step-0000002")) == 0  # 2 more steps from step 2
+    wa, wb = weights(a / "step-0000004"), weights(b / "step-0000004")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], weights(a / "step-0000002")[k]) for k in wa)  # it did train
+    assert [m["step"] for m in metrics(b) if "loss" in m] == [3, 4]
+
+
+def test_resume_latest_continues_in_place_and_drops_stale_metrics(shards, tmp_path):
+    out = tmp_path / "run"
+    assert run(shards, out, "--save-every", "2", steps=3) == 0  # checkpoints at 2 and 3
+    (out / "latest.json").write_text(json.dumps({"step": 2, "dir": "step-0000002"}))  # as if killed after step 2
+    assert run(shards, out, "--resume", steps=3) == 0
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3]
+    assert json.loads((out / "latest.json").read_text())["step"] == 3
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shards, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Masks are drawn per micro-batch, so one process accumulates the two halves that two ranks compute.
+    assert run(shards, one, "--grad-accum", "2", steps=3) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py"), "--data", str(shards / "tokens"), "--vqgan", str(shards / "vqgan"), "--out", str(two),
+           "--variant", "3", "--steps", "3", "--batch-size", "8", "--log-every", "1", "--eval-every", "1000",
+           "--threads", "1", *TINY]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    w1, w2 = weights(one / "step-0000003"), weights(two / "step-0000003")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0, msg=k)
+    losses1, losses2 = ([m["loss"] for m in metrics(d) if "loss" in m] for d in (one, two))
+    assert losses1 == pytest.approx(losses2, abs=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(shards / "tokens"), "--vqgan", str(shards / "vqgan"),
+           "--out", str(out), "--steps", "100000", "--batch-size", "8", "--log-every", "1", "--eval-every", "100000",
+           "--threads", "1", *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in err and "Traceback" not in err
+    latest = json.loads((out / "latest.json").read_text())
+    model, info = emage.load_checkpoint(out / latest["dir"])
+    assert info["step"] == latest["step"] >= 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(shards, out, "--lr", "1e30", "--save-every", "1", "--warmup", "0", steps=6, variant="1") == 1
+    err = capsys.readouterr().err.strip().split("\n")[-1]  # after the progress bar
+    assert err.startswith("error: ") and "non-finite at step 2" in err
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["dir"] in err  # the message names the checkpoint to resume from
+    state = weights(out / latest["dir"])
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_user_errors_are_one_line(shards, tmp_path, capsys):
+    assert run(shards, tmp_path / "r", "--grad-accum", "2", batch=7) == 1
+    assert capsys.readouterr().err.startswith("error: --batch-size 7 must be a multiple")
+    assert train.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
+    assert "no meta.json" in capsys.readouterr().err
+    assert run(shards, tmp_path / "r3", "--set", "nonsense=1") == 1
+    assert "no such config field" in capsys.readouterr().err
