@@ -164,6 +164,11 @@ def check_args(args) -> None:
         raise SampleError(f"--upscale must be between 1 and 16, got {args.upscale}")
     if args.seed < 0:
         raise SampleError(f"--seed must be >= 0, got {args.seed}")
+    if args.backend == "onnx" and args.onnx_dir is None:
+        raise SampleError("--backend onnx needs --onnx-dir DIR, a folder written by "
+                          "python export_onnx.py --checkpoint DIR --out DIR")
+    if args.backend == "onnx" and args.dtype != "fp32":
+        raise SampleError("the exported ONNX graphs are fp32: use --dtype fp32 with --backend onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upscale", type=int, default=4, help="nearest-neighbour enlargement of the saved PNG")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="compute precision")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                        help="run the model in PyTorch, or the graphs of export_onnx.py on ONNX Runtime")
+    parser.add_argument("--onnx-dir", type=Path, help="folder written by export_onnx.py (with --backend onnx)")
     return parser
 
 
@@ -194,16 +202,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import clip_text
     import emage
+    import export_onnx
     import shapes
     import vqgan
 
-    user_errors = (SampleError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError, OSError)
+    user_errors = (SampleError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError,
+                   export_onnx.ExportError, OSError)
     try:
         args.prompt = clean_prompt(args.prompt)
         check_args(args)
-        device = pick_device(args.device)
         started = time.perf_counter()
-        pipe = Pipeline.load(args.checkpoint, device)
+        if args.backend == "onnx":  # tokens, noise and images on the host; the graphs where --device says
+            pipe = export_onnx.OnnxPipeline.load(args.onnx_dir, args.device)
+            device = pipe.device
+        else:
+            device = pick_device(args.device)
+            pipe = Pipeline.load(args.checkpoint, device)
         loaded = time.perf_counter()
         if pipe.knows_only_shapes:
             try:
@@ -226,7 +240,8 @@ def main(argv=None) -> int:
         parameters = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "schedule": args.schedule,
                       "temperature": args.temperature, "guidance": args.guidance,
                       "negative_prompt": args.negative_prompt, "variant": pipe.info["variant"],
-                      "algorithm": args.algorithm or "default", "checkpoint": str(args.checkpoint)}
+                      "algorithm": args.algorithm or "default", "backend": args.backend,
+                      "checkpoint": str(args.onnx_dir if args.backend == "onnx" else args.checkpoint)}
         for i, (image, path) in enumerate(zip(images, output_paths(args, len(images)))):
             save_png(upscale(image, args.upscale), path, dict(parameters, index=i))
             print(path)
