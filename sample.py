@@ -61,7 +61,8 @@ class Pipeline:
 
     @property
     def knows_only_shapes(self) -> bool:
-        return self.info.get("extra", {}).get("data", "shapes") == "shapes"
+        train_args = self.info.get("extra", {}).get("train_args", {})
+        return str(train_args.get("data", "shapes")) == "shapes"
 
     def text_tokens(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, context_length=self.model.config.text.context_length).to(self.device)
