@@ -383,9 +383,6 @@ class TextEncoder(nn.Module):
         self.transformer = Transformer(config.width, config.heads, config.layers)
         self.ln_final = LayerNorm(config.width)
         self.text_projection = nn.Parameter(torch.empty(config.width, config.embed_dim))
-        # -inf above the diagonal: token i attends to tokens 0..i (CLIP's build_attention_mask).
-        causal = torch.full((config.context_length, config.context_length), float("-inf")).triu(1)
-        self.register_buffer("causal_mask", causal, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -413,7 +410,8 @@ class TextEncoder(nn.Module):
                 f"tokenize with context_length={self.config.context_length}"
             )
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, D)
-        mask = self.causal_mask[:L, :L].to(x.dtype)  # (L, L)
+        # -inf above the diagonal: token i attends to tokens 0..i (CLIP's build_attention_mask).
+        mask = torch.full((L, L), float("-inf"), dtype=x.dtype, device=x.device).triu(1)  # (L, L)
         x = self.transformer(x, mask)  # (B, L, D)
         states = self.ln_final(x)  # (B, L, D)
         end = tokens.argmax(dim=-1)  # (B,) position of the end token
@@ -430,6 +428,7 @@ NATIVE_FORMAT = "emage.clip_text"  # the "format" field of a native config.json
 # hyper-parameters as tensors, and open_clip saves its causal mask.
 OPENAI_SKIPPED = ("visual.", "logit_scale", "input_resolution", "context_length", "vocab_size", "attn_mask")
 HF_SKIPPED = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids")
+HF_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")  # the children of `text_model`
 
 
 def save_clip_text(encoder: TextEncoder, out_dir: str | os.PathLike) -> None:
@@ -505,6 +504,8 @@ def hf_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     order); `text_projection` is a bias-free Linear there, a (width, embed_dim) matrix here.
     A CLIPTextModel has no projection: the identity stands in, so `pooled` is its pooler output.
     """
+    if "embeddings.token_embedding.weight" in state:  # transformers 5 saves CLIPTextModel without the prefix
+        state = {("text_model." + k if k.startswith(HF_TEXT_PARTS) else k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(HF_SKIPPED)}
     used: set[str] = set()
 
@@ -554,8 +555,9 @@ def _hf_text_config(config_path: Path) -> dict:
 
 
 def _build(weights: dict[str, torch.Tensor], config: TextConfig, source: Path) -> TextEncoder:
-    """Assert every key and shape against a freshly built encoder, then load strictly."""
-    encoder = TextEncoder(config)
+    """Assert every key and shape against a freshly built encoder, then load strictly (in fp32)."""
+    with torch.device("meta"):  # shapes only: no time spent on a random initialisation
+        encoder = TextEncoder(config)
     expected = encoder.state_dict()
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra:
@@ -563,7 +565,7 @@ def _build(weights: dict[str, torch.Tensor], config: TextConfig, source: Path) -
     for key, value in expected.items():
         if weights[key].shape != value.shape:
             raise ClipTextError(f"{source}: {key} has shape {tuple(weights[key].shape)}, expected {tuple(value.shape)}")
-    encoder.load_state_dict(weights, strict=True)
+    encoder.load_state_dict({k: v.float().contiguous() for k, v in weights.items()}, strict=True, assign=True)
     return encoder
 
 
@@ -597,7 +599,7 @@ def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) 
             native_config = TextConfig(**meta["config"])
     if native_config is not None:
         return _build(state, native_config, path).eval()
-    if any(k.startswith("text_model.") for k in state):
+    if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in state):
         weights = hf_to_native(state)
         if config_path is not None:
             heads = _hf_text_config(config_path).get("num_attention_heads", 8)  # CLIPTextConfig's default
