@@ -7,6 +7,7 @@ vqgan encoder (once, here) -> token shards -> train.py.
     shapes_example(seed, index)          the index-th (caption, image) of the shapes world
     ShapesSource / FolderSource / TarSource   image-caption sources (open_source picks one)
     prepare(source, vqgan, out_dir)      pre-tokenise a source into token shards
+    write_token_shards(out_dir, captions, codes, ...)   the same format from codes made elsewhere
     TokenShards(dir)                     memory-mapped reader: dataset[i] -> (caption, codes)
     batch_indices(step, batch_size, n, seed)   the global batch of a training step
 
@@ -418,6 +419,7 @@ def _check_or_claim(out: Path, header: dict) -> None:
 
 
 def _finish(out: Path, header: dict, num_shards: int) -> dict:
+    """Collect the completion records of shards 0 .. num_shards - 1 into meta.json."""
     shards, skipped = [], {"unreadable": 0, "no_caption": 0}
     for k in range(num_shards):
         record = out / shard_name("done", k)
@@ -430,6 +432,27 @@ def _finish(out: Path, header: dict, num_shards: int) -> dict:
     meta = dict(header, shards=shards, num_examples=sum(s["count"] for s in shards), skipped=skipped)
     _write_json(out / "meta.json", meta)
     return meta
+
+
+def write_token_shards(out_dir, captions: list[str], codes: np.ndarray, *, grid: tuple[int, int], codebook_size: int,
+                       vqgan_dir=None, image_size: int = 0, source: str = "arrays", shard_size: int = 10_000) -> dict:
+    """Write already-tokenised examples (codes [N, h * w]) as a token-shard directory that
+    TokenShards and train.py read: for codes made elsewhere, tests and benchmarks."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    codes = np.asarray(codes)
+    if codes.shape != (len(captions), grid[0] * grid[1]) or codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise DataError(f"codes must be [{len(captions)}, {grid[0] * grid[1]}] with values below {codebook_size}, "
+                        f"got shape {codes.shape}")
+    header = {"format": FORMAT, "version": VERSION, "source": source, "vqgan": str(Path(vqgan_dir).resolve()) if vqgan_dir else "",
+              "vqgan_fingerprint": "", "image_size": image_size, "grid": list(grid), "codebook_size": codebook_size,
+              "shard_size": shard_size}
+    num_shards = -(-len(captions) // shard_size)
+    for k in range(num_shards):
+        rows = slice(k * shard_size, (k + 1) * shard_size)
+        write_shard(out, k, [f"{i:09d}" for i in range(len(captions))][rows], captions[rows], codes[rows],
+                    {"unreadable": 0, "no_caption": 0})
+    return _finish(out, header, num_shards)
 
 
 # ----------------------------------------------------------------------------------------

@@ -433,8 +433,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
         return None
 
     def run_eval(step):
-        if not is_main or not eval_captions:
-            return
+        if not is_main or vq is None or not eval_captions:
+            return None
         metrics, images = evaluate(model, vq, tokenizer, eval_captions, model.config.text.context_length,
                                    model.config.grid, device, args.seed, shapes_world)
         if images:
