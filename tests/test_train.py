@@ -168,3 +168,27 @@ def test_user_errors_are_one_line(shards, tmp_path, capsys):
     assert "no meta.json" in capsys.readouterr().err
     assert run(shards, tmp_path / "r3", "--set", "nonsense=1") == 1
     assert "no such config field" in capsys.readouterr().err
+
+
+def test_text_init_loads_clip_weights_into_the_text_encoder(shards, tmp_path):
+    import clip_text
+
+    config = clip_text.TextConfig(vocab_size=clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH).vocab_size,
+                                  context_length=24, width=32, heads=2, layers=2, embed_dim=16)
+    torch.manual_seed(1)
+    clip = clip_text.TextEncoder(config)
+    clip_text.save_clip_text(clip, tmp_path / "clip")
+    args = train.build_parser().parse_args(["--data", str(shards / "tokens"), "--text-init", str(tmp_path / "clip"),
+                                            "--set", "width=32", "--set", "layers=1", "--set", "heads=2"])
+    train.resolve_args(args)
+    model = train.build_model(args, clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH), data.TokenShards(shards / "tokens"))
+    assert model.config.text == config
+    loaded, saved = model.text_encoder.state_dict(), clip.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_bf16_autocast_trains(shards, tmp_path):
+    out = tmp_path / "run"
+    assert run(shards, out, "--dtype", "bf16", steps=3) == 0
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
