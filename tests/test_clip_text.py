@@ -1,0 +1,332 @@
+"""clip_text on its own: tokenizer invariants, the BPE learner, the encoder's CLIP semantics,
+checkpoint round trips and the command line. Parity with reference implementations is in
+test_clip_text_oracle.py."""
+import gzip
+import json
+import random
+import string
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import clip_text
+import shapes
+
+TINY = clip_text.TextConfig(vocab_size=600, context_length=16, width=64, heads=2, layers=2, embed_dim=32)
+
+
+def random_tokens(config: clip_text.TextConfig, lengths: list[int], seed: int = 0) -> torch.Tensor:
+    """Rows of start, random ids, end (the largest id), then padding 0, like Tokenizer output."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), config.context_length, dtype=torch.long)  # (B, L)
+    for row, n in enumerate(lengths):
+        tokens[row, 0] = config.vocab_size - 2
+        tokens[row, 1 : n + 1] = torch.randint(1, config.vocab_size - 2, (n,), generator=g)
+        tokens[row, n + 1] = config.vocab_size - 1
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def shapes_tokenizer():
+    return clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+
+
+# ---- tokenizer ------------------------------------------------------------------------
+
+
+def test_byte_map_is_a_bijection_onto_printable_non_space_characters():
+    chars = list(clip_text.BYTE_TO_CHAR.values())
+    assert len(set(chars)) == 256
+    assert all(c.isprintable() and not c.isspace() for c in chars)
+    assert all(clip_text.CHAR_TO_BYTE[clip_text.BYTE_TO_CHAR[b]] == b for b in range(256))
+
+
+def test_shapes_vocabulary_matches_preset_and_makes_every_grammar_word_one_token(shapes_tokenizer):
+    assert shapes_tokenizer.vocab_size == clip_text.SHAPES_VOCAB_SIZE == clip_text.TextConfig.shapes().vocab_size
+    words = {"a", "small", "large", "to", "the", "left", "right", "of", "above", "below",
+             *shapes.COLORS, *shapes.SHAPES}
+    for word in words:
+        assert len(shapes_tokenizer.encode(word)) == 1, word
+    caption = "a small red circle to the left of a large blue square"
+    assert len(shapes_tokenizer.encode(caption)) == len(caption.split()) == 12
+    assert shapes_tokenizer.decode(shapes_tokenizer.encode("  A Small RED circle  ")) == "a small red circle "
+
+
+def test_shapes_vocabulary_is_reproduced_by_learn_bpe(tmp_path):
+    rng = random.Random(0)  # the defaults of `python clip_text.py learn-bpe`
+    texts = [shapes.sample_caption(rng, "train") for _ in range(20000)]
+    size = clip_text.learn_bpe(texts, 1024, tmp_path / "bpe.txt.gz")
+    assert size == clip_text.SHAPES_VOCAB_SIZE
+    assert (tmp_path / "bpe.txt.gz").read_bytes() == clip_text.SHAPES_BPE_PATH.read_bytes()
+
+
+def test_batch_layout_start_end_padding(shapes_tokenizer):
+    tok = shapes_tokenizer
+    batch = tok(["a red circle", "a small blue square above a large green triangle", ""], context_length=24)
+    assert batch.shape == (3, 24) and batch.dtype == torch.long
+    assert (batch[:, 0] == tok.sot_id).all()
+    assert tok.eot_id == tok.vocab_size - 1 == batch.max()
+    end = batch.argmax(-1)  # the end token is the largest id, so argmax finds it
+    assert end.tolist() == [4, 10, 1]
+    for row, e in zip(batch, end):
+        assert row[e] == tok.eot_id and (row[e + 1 :] == 0).all() and (row[1:e] < tok.sot_id).all()
+
+
+def test_truncation_keeps_the_end_token_and_warns_once(recwarn):
+    tok = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    long = " ".join(["red"] * 40)
+    with pytest.warns(UserWarning, match="cut to 8"):
+        batch = tok([long, "a red circle"], context_length=8)
+    assert batch[0].tolist() == [tok.sot_id] + tok.encode(long)[:6] + [tok.eot_id]
+    recwarn.clear()
+    tok([long], context_length=8)
+    assert not [w for w in recwarn if "cut to" in str(w.message)]
+    with pytest.raises(clip_text.ClipTextError, match="context_length"):
+        tok("a", context_length=1)
+
+
+def test_unknown_characters_fall_back_to_bytes_and_decode_back(shapes_tokenizer):
+    tok = shapes_tokenizer
+    for text in ["zebra", "café 日本 😀", "x7 & y", "quick, brown fox!"]:
+        ids = tok.encode(text)
+        assert max(ids) < tok.sot_id
+        assert tok.decode(ids) == " ".join(clip_text.WORD_PATTERN.findall(clip_text.clean_text(text))) + " "
+    with pytest.raises(clip_text.ClipTextError, match="outside"):
+        tok.decode([tok.vocab_size])
+
+
+def test_clean_text_follows_clip():
+    assert clip_text.clean_text("  Caf\u00c3\u00a9 &amp;amp;\t\nNEW\u3000york ") == "café & new york"
+
+
+def test_learn_bpe_file_format_and_early_stop(tmp_path):
+    texts = ["low lower lowest", "newer newest", "low low low"]
+    size = clip_text.learn_bpe(texts, 518, tmp_path / "v.txt")
+    lines = (tmp_path / "v.txt").read_text().splitlines()
+    assert lines[0].startswith("#version") and len(lines) - 1 == size - 514 == 4
+    assert lines[1:3] == ["l o", "lo w</w>"]  # most frequent first: "low" is 4 of the 9 words
+    tok = clip_text.Tokenizer(tmp_path / "v.txt")  # plain text works as well as gzip
+    assert tok.vocab_size == 518 and tok.eot_id == 517
+    # Stops once every word is one symbol.
+    full = clip_text.learn_bpe(texts, 10_000, tmp_path / "full.txt.gz")
+    tok = clip_text.Tokenizer(tmp_path / "full.txt.gz")
+    assert full == tok.vocab_size < 10_000
+    for word in ["low", "lower", "lowest", "newer", "newest"]:
+        assert len(tok.encode(word)) == 1
+    assert gzip.decompress((tmp_path / "full.txt.gz").read_bytes()).startswith(b"#version")
+    with pytest.raises(clip_text.ClipTextError, match="514"):
+        clip_text.learn_bpe(texts, 100, tmp_path / "x.txt")
+
+
+def test_learned_bpe_round_trips_random_text(tmp_path):
+    rng = random.Random(0)
+    corpus = ["".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(60)) for _ in range(50)]
+    clip_text.learn_bpe(corpus, 700, tmp_path / "v.txt.gz")
+    tok = clip_text.Tokenizer(tmp_path / "v.txt.gz")
+    for text in corpus[:10]:
+        assert tok.decode(tok.encode(text)) == " ".join(text.split()) + " "
+
+
+def test_find_bpe_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv(clip_text.BPE_ENV, str(clip_text.SHAPES_BPE_PATH))
+    assert clip_text.find_bpe() == clip_text.SHAPES_BPE_PATH
+    (tmp_path / "v.txt").write_text("#version: 0.2\n")
+    assert clip_text.find_bpe(tmp_path / "v.txt") == tmp_path / "v.txt"  # an explicit path comes first
+    with pytest.raises(clip_text.ClipTextError, match="not a file"):
+        clip_text.find_bpe(tmp_path / "missing.txt.gz")
+    monkeypatch.setenv(clip_text.BPE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(clip_text.ClipTextError, match=clip_text.BPE_ENV):
+        clip_text.find_bpe()
+    monkeypatch.delenv(clip_text.BPE_ENV)
+    monkeypatch.setattr(clip_text.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(clip_text.ClipTextError, match="pip install"):
+        clip_text.find_bpe()
+
+
+def test_malformed_vocabulary_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.txt").write_text("#version: 0.2\na b\nnot-a-merge\n")
+    with pytest.raises(clip_text.ClipTextError, match="line 3"):
+        clip_text.Tokenizer(tmp_path / "bad.txt")
+
+
+# ---- encoder --------------------------------------------------------------------------
+
+
+def test_presets():
+    b32, l14, small = clip_text.TextConfig.vit_b32(), clip_text.TextConfig.vit_l14(), clip_text.TextConfig.shapes()
+    assert (b32.width, b32.heads, b32.layers, b32.embed_dim, b32.vocab_size) == (512, 8, 12, 512, 49408)
+    assert (l14.width, l14.heads, l14.layers, l14.embed_dim, l14.context_length) == (768, 12, 12, 768, 77)
+    assert (small.context_length, small.width, small.heads, small.layers, small.embed_dim) == (24, 128, 4, 3, 128)
+    assert sum(p.numel() for p in clip_text.TextEncoder(b32).parameters()) == 63_428_096  # CLIP B/32 text tower
+    with pytest.raises(clip_text.ClipTextError, match="divisible"):
+        clip_text.TextEncoder(clip_text.TextConfig(width=100, heads=3))
+
+
+def test_attention_is_causal_and_pooled_is_the_projected_end_state():
+    torch.manual_seed(0)
+    model = clip_text.TextEncoder(TINY).eval()
+    tokens = random_tokens(TINY, [3, 8, 13])
+    with torch.no_grad():
+        states, pooled = model(tokens)
+        changed = tokens.clone()
+        changed[:, 10:] = torch.randint(0, 500, (3, 6))  # only positions >= 10 differ
+        states2, _ = model(changed)
+    assert states.shape == (3, 16, 64) and pooled.shape == (3, 32)
+    assert torch.equal(states[:, :10], states2[:, :10])
+    assert not torch.allclose(states[:, 10:], states2[:, 10:])
+    end = torch.tensor([4, 9, 14])
+    torch.testing.assert_close(pooled, states[torch.arange(3), end] @ model.text_projection)
+    # Padding after the end token never reaches the pooled vector, nor do extra positions.
+    with torch.no_grad():
+        short_states, short_pooled = model(tokens[:1, :5])
+    torch.testing.assert_close(short_pooled, pooled[:1])
+    torch.testing.assert_close(short_states, states[:1, :5])
+
+
+def test_too_many_positions_is_a_clear_error():
+    model = clip_text.TextEncoder(TINY)
+    with pytest.raises(clip_text.ClipTextError, match="context_length=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_layer_norm_runs_in_fp32_for_low_precision_inputs():
+    norm = clip_text.LayerNorm(64)
+    x = torch.randn(4, 64).to(torch.bfloat16) * 30 + 100
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x.float(), (64,)).to(torch.bfloat16))
+    model = clip_text.TextEncoder(TINY).to(torch.bfloat16)
+    states, pooled = model(random_tokens(TINY, [5]))
+    assert states.dtype == pooled.dtype == torch.bfloat16 and torch.isfinite(pooled.float()).all()
+
+
+def test_quick_gelu_closed_form():
+    x = torch.linspace(-5, 5, 101)
+    torch.testing.assert_close(clip_text.QuickGELU()(x), x / (1 + torch.exp(-1.702 * x)))
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+
+def test_native_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = clip_text.TextEncoder(TINY).eval()
+    clip_text.save_clip_text(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["format"] == clip_text.NATIVE_FORMAT and meta["config"]["heads"] == 2
+    loaded = clip_text.load_clip_text(tmp_path / "ckpt")
+    assert loaded.config == TINY and not loaded.training
+    tokens = random_tokens(TINY, [2, 9])
+    with torch.no_grad():
+        for a, b in zip(model(tokens), loaded(tokens)):
+            assert torch.equal(a, b)
+
+
+def openai_state(model: clip_text.TextEncoder) -> dict[str, torch.Tensor]:
+    """The text keys of an OpenAI checkpoint are ours; a real one also holds these."""
+    state = dict(model.state_dict())
+    state.update({"visual.proj": torch.zeros(4, 4), "logit_scale": torch.tensor(1.0),
+                  "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+                  "vocab_size": torch.tensor(49408)})
+    return state
+
+
+def test_openai_state_dict_loads_and_derives_config(tmp_path):
+    torch.manual_seed(0)
+    config = clip_text.TextConfig(vocab_size=600, context_length=16, width=128, heads=2, layers=2, embed_dim=32)
+    model = clip_text.TextEncoder(config).eval()
+    torch.save(openai_state(model), tmp_path / "model.pt")
+    loaded = clip_text.load_clip_text(tmp_path / "model.pt")
+    assert loaded.config == config  # heads = width // 64
+    tokens = random_tokens(config, [4])
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[1], loaded(tokens)[1])
+
+
+def test_incomplete_or_foreign_checkpoints_are_clear_errors(tmp_path):
+    model = clip_text.TextEncoder(TINY)
+    state = openai_state(model)
+    del state["transformer.resblocks.1.mlp.c_fc.bias"]
+    save_file(state, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(clip_text.ClipTextError, match="missing keys"):
+        clip_text.load_clip_text(tmp_path / "missing.safetensors")
+    state = openai_state(model)
+    state["transformer.resblocks.0.extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(clip_text.ClipTextError, match="unexpected keys"):
+        clip_text.load_clip_text(tmp_path / "extra.safetensors")
+    save_file({"foo": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(clip_text.ClipTextError, match="neither OpenAI nor Hugging Face"):
+        clip_text.load_clip_text(tmp_path / "foreign.safetensors")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
+    with pytest.raises(clip_text.ClipTextError, match="weights-only"):
+        clip_text.load_clip_text(tmp_path / "pickled.pt")
+    with pytest.raises(clip_text.ClipTextError, match="does not exist"):
+        clip_text.load_clip_text(tmp_path / "nothing")
+
+
+def test_native_shape_mismatch_is_a_clear_error(tmp_path):
+    clip_text.save_clip_text(clip_text.TextEncoder(TINY), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["embed_dim"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(clip_text.ClipTextError, match="text_projection has shape"):
+        clip_text.load_clip_text(tmp_path)
+
+
+class _OpenAIStyleArchive(clip_text.TextEncoder):
+    """Keys laid out as in OpenAI's TorchScript release: the text tower at the top level,
+    next to an image tower and the temperature."""
+
+    def __init__(self, text: clip_text.TextEncoder):
+        super().__init__(text.config)
+        self.load_state_dict(text.state_dict())
+        self.visual = torch.nn.Linear(4, 4)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
+
+    def forward(self, tokens):
+        return super().forward(tokens)[1]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torchscript_archive_needs_explicit_trust(tmp_path):
+    torch.manual_seed(0)
+    config = clip_text.TextConfig(vocab_size=600, context_length=16, width=64, heads=1, layers=1, embed_dim=32)
+    model = clip_text.TextEncoder(config).eval()
+    tokens = random_tokens(config, [3])
+    torch.jit.save(torch.jit.trace(_OpenAIStyleArchive(model), tokens), str(tmp_path / "ViT-L-14.pt"))
+    with pytest.raises(clip_text.ClipTextError, match="can run code"):
+        clip_text.load_clip_text(tmp_path / "ViT-L-14.pt")
+    loaded = clip_text.load_clip_text(tmp_path / "ViT-L-14.pt", trust_torchscript=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens)[1], model(tokens)[1])
+
+
+# ---- command line ---------------------------------------------------------------------
+
+
+def test_cli_convert_encode_and_errors(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    model = clip_text.TextEncoder(clip_text.TextConfig.shapes()).eval()
+    save_file(openai_state(model), str(tmp_path / "openai.safetensors"))
+    clip_text.main(["convert", str(tmp_path / "openai.safetensors"), str(tmp_path / "native")])
+    assert clip_text.load_clip_text(tmp_path / "native").config.heads == 2  # derived: 128 // 64
+    clip_text.save_clip_text(model, tmp_path / "shapes")
+    capsys.readouterr()
+    clip_text.main(["encode", "--checkpoint", str(tmp_path / "shapes"), "--bpe", str(clip_text.SHAPES_BPE_PATH),
+                    "a red circle"])
+    out = capsys.readouterr().out
+    tok = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    ids = [tok.sot_id, *tok.encode("a red circle"), tok.eot_id]
+    assert f"ids: {ids}" in out
+    with torch.no_grad():
+        norm = model(tok("a red circle", 24))[1].norm().item()
+    assert f"pooled norm: {norm:.6f}" in out
+    monkeypatch.delenv(clip_text.BPE_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        clip_text.main(["encode", "--checkpoint", str(tmp_path / "nothing"), "x"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
