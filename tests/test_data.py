@@ -16,6 +16,15 @@ import vqgan
 HELD_OUT = ("purple triangle", "yellow square", "cyan circle")  # SHAPES.md, written out independently
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions: a second thread only adds synchronisation (and the CI CPU may be shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_vqgan(path):
     """A random 32x32 -> 4x4-token VQGAN: fast, and the shards it writes are still a function of the pixels."""
     torch.manual_seed(0)
