@@ -444,6 +444,31 @@ def test_default_algorithm_follows_the_variant():
         )
 
 
+def test_padding_after_the_end_token_is_ignored():
+    model, text, y = tiny_model().eval(), captions(3), images(3)
+    noisy = text.clone()
+    after_end = torch.arange(L) > text.argmax(-1, keepdim=True)
+    noisy[after_end] = 5  # garbage where the padding was
+    a = model.round_logits(y, *model.encode_text(text))
+    b = model.round_logits(y, *model.encode_text(noisy))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_empty_caption_matches_the_tokenizer():
+    from clip_text import SHAPES_BPE_PATH, Tokenizer
+
+    model = Emage(EmageConfig.shapes())
+    assert torch.equal(model.empty_caption(2, 24), Tokenizer(SHAPES_BPE_PATH)(["", ""], context_length=24))
+
+
+def test_paper_preset_size():
+    with torch.device("meta"):  # count without allocating 1 GB
+        model = Emage(EmageConfig.paper())
+    total = sum(p.numel() for p in model.parameters())
+    text = sum(p.numel() for p in model.text_encoder.parameters())
+    assert (round(total / 1e5), round(text / 1e5), model.config.n) == (2505, 1237, 1024)  # docstring of paper()
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------
