@@ -23,7 +23,7 @@ size, so an interrupted `prepare` resumes at the first incomplete shard, and ran
 a `torchrun` prepare split the shards between them (k modulo world size).
 
 Command line:
-    python data.py prepare --source shapes --num 200000 --out data/shapes-tokens
+    python data.py prepare --source shapes --examples 30000 --out data/shapes-tokens
     python data.py prepare --source DIR_OR_TAR --vqgan CKPT --out DIR
     python data.py show DIR                   counts and a few examples of a shard directory
 """
@@ -109,7 +109,7 @@ class ShapesSource:
 
     def __init__(self, num: int, seed: int = 0):
         if num <= 0:
-            raise DataError(f"--num must be positive for the shapes source, got {num}")
+            raise DataError(f"--examples must be positive for the shapes source, got {num}")
         self.num, self.seed = num, seed
         self.description = f"shapes(num={num}, seed={seed})"
 
@@ -547,7 +547,7 @@ def cmd_prepare(args) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         torch.distributed.init_process_group("gloo")
-    source = open_source(args.source, args.num, args.seed)
+    source = open_source(args.source, args.examples, args.seed)
     meta = prepare(source, args.vqgan, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                    image_size=args.image_size, device=args.device, rank=rank, world_size=world)
     if meta is not None:
@@ -575,7 +575,8 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True, help="'shapes', a .tar shard, a folder of .tar shards, or a folder of images with .txt captions")
     p.add_argument("--vqgan", default=str(DEFAULT_VQGAN), help="VQGAN checkpoint directory (or taming .ckpt) that tokenises the images")
     p.add_argument("--out", required=True, help="output directory of token shards")
-    p.add_argument("--num", type=int, default=200_000, help="examples to draw (shapes source only)")
+    # Not --num: torchrun would take it for an abbreviation of its own --numa-binding.
+    p.add_argument("--examples", type=int, default=30_000, help="examples to draw (shapes source only)")
     p.add_argument("--seed", type=int, default=0, help="shapes stream seed (shapes source only)")
     p.add_argument("--image-size", type=int, default=None, help="square size images are cropped and resized to (default: the VQGAN's resolution)")
     p.add_argument("--shard-size", type=int, default=10_000, help="source items per shard (the unit of resuming)")

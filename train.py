@@ -163,8 +163,8 @@ def shapes_tokens(args, rank: int, world: int) -> Path:
             return out
         raise TrainError(f"{out} was tokenised with another VQGAN; delete it (or pass --shapes-cache NEW_DIR) to rebuild")
     if rank == 0:
-        print(f"tokenising {args.shapes_num} shapes examples once into {out} (about 2 ms per image on 2 CPU cores)", flush=True)
-    data.prepare(data.ShapesSource(args.shapes_num, seed=args.shapes_seed), args.vqgan or SHAPES_VQGAN, out,
+        print(f"tokenising {args.shapes_examples} shapes examples once into {out} (minutes on a CPU; kept for later runs)", flush=True)
+    data.prepare(data.ShapesSource(args.shapes_examples, seed=args.shapes_seed), args.vqgan or SHAPES_VQGAN, out,
                  shard_size=10_000, rank=rank, world_size=world, device="cpu")
     if world > 1:
         dist.barrier()
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --out (the newest ones)")
     p.add_argument("--log-every", type=int, default=None, help=f"steps per metrics.jsonl record {preset_help('log_every')}")
     p.add_argument("--eval-captions", type=int, default=16, help="captions generated at each evaluation")
-    p.add_argument("--shapes-num", type=int, default=30_000, help="examples in the tokenised shapes set built on first use")
+    p.add_argument("--shapes-examples", type=int, default=30_000, help="examples in the tokenised shapes set built on first use")
     p.add_argument("--shapes-seed", type=int, default=0, help="seed of that shapes set")
     p.add_argument("--shapes-cache", default=str(SHAPES_TOKENS), help="where the tokenised shapes set is kept")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
