@@ -171,9 +171,9 @@ def _check_config(c: EmageConfig) -> None:
 def mask_schedule(name: str, r):
     """tau(r): the fraction of image tokens KEPT (unmasked) at progress r in [0, 1].
 
-    linear: tau(r) = r.  cosine: tau(r) = 1 - cos(pi r / 2), concave in the paper's sense
-    (Section 3.2): few tokens are committed early and many late; tau(0) = 0, tau(1) = 1.
-    Works on floats and on tensors.
+    linear: tau(r) = r.  cosine: tau(r) = 1 - cos(pi r / 2), the paper's "concave cosine
+    masking strategy" (Section 3.2; the mask ratio cos(pi r / 2) is concave): few tokens
+    are committed early and many late. tau(0) = 0, tau(1) = 1. Floats or tensors.
     """
     if name == "linear":
         return r
