@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import vqgan
+
 FORMAT = "emage-token-shards"  # meta.json "format"; bump VERSION when the layout changes
 VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what folder and tar sources read
@@ -332,12 +334,10 @@ def prepare(source, vqgan_dir, out_dir, *, shard_size: int = 10_000, batch_size:
     """
     from tqdm import tqdm
 
-    import vqgan as vqgan_module
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = vqgan_fingerprint(vqgan_dir)
-    model = vqgan_module.load_vqgan(vqgan_dir).to(device).eval()
+    model = vqgan.load_vqgan(vqgan_dir).to(device).eval()
     size = image_size or vqgan_image_size(model)
     grid = tuple(model.grid_size(size))
     header = {"format": FORMAT, "version": VERSION, "source": source.description, "vqgan": str(Path(vqgan_dir).resolve()),
@@ -591,7 +591,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except DataError as e:
+    except (DataError, vqgan.VQGANError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

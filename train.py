@@ -46,6 +46,7 @@ import torch.nn as nn
 
 import data
 import emage
+import vqgan
 from clip_text import SHAPES_BPE_PATH, ClipTextError, Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -362,6 +363,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
         if info["variant"] != args.variant:
             raise TrainError(f"{resume_dir} was trained as variant {info['variant']}, not --variant {args.variant}")
         start_step = info["step"]
+        tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with (copied into each checkpoint)
+        tokenizer_path = tokenizer.path
     else:
         model = build_model(args, tokenizer, shards)
     if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
@@ -396,8 +399,6 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
     eval_captions = []
     if is_main:
         if vqgan_dir.exists():
-            import vqgan
-
             vq = vqgan.load_vqgan(vqgan_dir).to(device).eval()
         else:
             print(f"note: VQGAN {vqgan_dir} not found; no sample grids", file=sys.stderr)
@@ -409,7 +410,10 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
         else:
             eval_captions = [shards.caption(i) for i in range(min(args.eval_captions, len(shards)))]
         metrics_path = out / "metrics.jsonl"
-        truncate_metrics(metrics_path, start_step) if resume_dir else metrics_path.unlink(missing_ok=True)
+        if resume_dir is not None:
+            truncate_metrics(metrics_path, start_step)
+        else:
+            metrics_path.unlink(missing_ok=True)
         metrics_file = open(metrics_path, "a")
         (out / "samples").mkdir(exist_ok=True)
 
@@ -486,7 +490,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
             flags = torch.nan_to_num(flags, nan=float("inf"))
             if world > 1:
                 dist.all_reduce(flags)
-                flags[0] /= world
+                flags[:2] /= world  # mean loss; the norm of the (already averaged) gradient is the same on every rank
             mean_loss, norm, stop_requested = flags.tolist()
             if not (math.isfinite(mean_loss) and math.isfinite(norm)):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
@@ -581,9 +585,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (TrainError, data.DataError, emage.EmageError, ClipTextError) as e:
+    except (TrainError, data.DataError, emage.EmageError, vqgan.VQGANError, ClipTextError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
+        print("interrupted twice: stopped without saving", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
