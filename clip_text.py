@@ -49,7 +49,7 @@ BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"  # the file OpenAI CLIP and open_
 BPE_ENV = "EMAGE_CLIP_BPE"  # environment variable naming a vocabulary file
 SHAPES_BPE_PATH = Path(__file__).resolve().parent / "checkpoints" / "shapes" / "bpe_shapes.txt.gz"
 SHAPES_VOCAB_SIZE = 573  # ids in SHAPES_BPE_PATH (`python clip_text.py learn-bpe` prints it)
-# OpenAI's file holds 262,144 merges but CLIP reads only the first 49152 - 256 - 2 of them,
+# OpenAI's file lists some 262,000 merges but CLIP reads only the first 49152 - 256 - 2 of them,
 # which gives 512 byte tokens + 48,894 merges + 2 special tokens = 49,408 ids.
 MAX_MERGES = 49152 - 256 - 2
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # always the last two ids: EOT is the largest
@@ -135,9 +135,12 @@ def find_bpe(path: str | os.PathLike | None = None) -> Path:
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     """The merges of a vocabulary file, gzipped or plain: a header line, then one "a b" per line."""
     data = Path(path).read_bytes()
-    if data[:2] == b"\x1f\x8b":  # gzip magic number
-        data = gzip.decompress(data)
-    lines = data.decode("utf-8").split("\n")[1 : 1 + MAX_MERGES]
+    try:
+        if data[:2] == b"\x1f\x8b":  # gzip magic number
+            data = gzip.decompress(data)
+        lines = data.decode("utf-8").split("\n")[1 : 1 + MAX_MERGES]
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ClipTextError(f"{path} is not a readable BPE vocabulary ({e}); pass {BPE_FILE_NAME} or a learn_bpe file") from None
     while lines and not lines[-1].strip():
         lines.pop()
     merges = []

@@ -148,6 +148,9 @@ def test_malformed_vocabulary_is_a_clear_error(tmp_path):
     (tmp_path / "bad.txt").write_text("#version: 0.2\na b\nnot-a-merge\n")
     with pytest.raises(clip_text.ClipTextError, match="line 3"):
         clip_text.Tokenizer(tmp_path / "bad.txt")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + bytes(range(200)))
+    with pytest.raises(clip_text.ClipTextError, match="not a readable BPE vocabulary"):
+        clip_text.Tokenizer(tmp_path / "bad.gz")
 
 
 # ---- encoder --------------------------------------------------------------------------
