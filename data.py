@@ -17,6 +17,7 @@ A token-shard directory holds, for shard k:
     captions-0000k.jsonl  m lines {"key": ..., "caption": ...}, same order
     shard-0000k.json      {"count": m, "skipped": {...}}: written last, marks the shard complete
     meta.json             grid, codebook size, image size, VQGAN, source; written when all are done
+    prepare.json          what `prepare` was asked for: a resumed prepare must ask for the same
 
 Shard k holds the usable examples among source items [k * S, (k + 1) * S), S = shard
 size, so an interrupted `prepare` resumes at the first incomplete shard, and ranks of
@@ -315,9 +316,9 @@ def vqgan_fingerprint(vqgan_dir) -> str:
     return _file_digest(weights)
 
 
-def vqgan_image_size(vqgan) -> int:
+def vqgan_image_size(model) -> int:
     """The square image size the VQGAN was trained at (its config's `resolution`)."""
-    size = getattr(vqgan.config, "resolution", None)
+    size = getattr(model.config, "resolution", None)
     if not size:
         raise DataError("the VQGAN config names no resolution; pass --image-size")
     return int(size)

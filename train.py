@@ -158,15 +158,19 @@ class LossModule(nn.Module):
 def shapes_tokens(args, rank: int, world: int) -> Path:
     """The tokenised shapes set, built on first use (all ranks encode a share of the shards)."""
     out = Path(args.shapes_cache)
+    source = data.ShapesSource(args.shapes_examples, seed=args.shapes_seed)
+    vqgan_dir = args.vqgan or SHAPES_VQGAN
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
-        if meta.get("vqgan_fingerprint") == data.vqgan_fingerprint(args.vqgan or SHAPES_VQGAN):
-            return out
-        raise TrainError(f"{out} was tokenised with another VQGAN; delete it (or pass --shapes-cache NEW_DIR) to rebuild")
+        if meta.get("vqgan_fingerprint") != data.vqgan_fingerprint(vqgan_dir):
+            raise TrainError(f"{out} was tokenised with another VQGAN; delete it (or pass --shapes-cache NEW_DIR) to rebuild")
+        if meta.get("source") != source.description:
+            raise TrainError(f"{out} holds {meta.get('source')}, not {source.description}; delete it, pass "
+                             f"--shapes-cache NEW_DIR, or match --shapes-examples/--shapes-seed")
+        return out
     if rank == 0:
         print(f"tokenising {args.shapes_examples} shapes examples once into {out} (minutes on a CPU; kept for later runs)", flush=True)
-    data.prepare(data.ShapesSource(args.shapes_examples, seed=args.shapes_seed), args.vqgan or SHAPES_VQGAN, out,
-                 shard_size=10_000, rank=rank, world_size=world, device="cpu")
+    data.prepare(source, vqgan_dir, out, shard_size=10_000, rank=rank, world_size=world, device="cpu")
     if world > 1:
         dist.barrier()
     return out

@@ -192,3 +192,17 @@ def test_bf16_autocast_trains(shards, tmp_path):
     assert run(shards, out, "--dtype", "bf16", steps=3) == 0
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_shapes_default_tokenises_once_then_reuses_the_cache(shards, tmp_path, capsys):
+    cache = tmp_path / "shapes-tokens"
+    common = ["--vqgan", str(shards / "vqgan"), "--shapes-cache", str(cache), "--shapes-examples", "40",
+              "--steps", "1", "--batch-size", "4", "--eval-every", "1000", *TINY]
+    assert train.main(["--out", str(tmp_path / "a"), *common]) == 0
+    assert data.TokenShards(cache).meta["source"] == "shapes(num=40, seed=0)"
+    stamp = (cache / "meta.json").stat().st_mtime_ns
+    assert train.main(["--out", str(tmp_path / "b"), *common]) == 0
+    assert (cache / "meta.json").stat().st_mtime_ns == stamp  # not tokenised again
+    capsys.readouterr()
+    assert train.main(["--out", str(tmp_path / "c"), *common, "--shapes-examples", "41"]) == 1
+    assert "match --shapes-examples" in capsys.readouterr().err
