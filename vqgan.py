@@ -1,0 +1,883 @@
+"""VQGAN: the image tokenizer (encoder + quantiser) and de-tokenizer (decoder).
+
+Emage does not generate pixels; it generates the discrete codes of a separately
+trained VQGAN (paper, Section 3 and Table 2, which picks the taming-transformers
+Gumbel VQGAN, f=8, 8192 codes: a 256x256 image becomes 32x32 = 1024 tokens).
+This file holds that architecture, written to mirror taming's module names so
+the public checkpoints load with a one-to-one key mapping:
+
+    image [B, 3, H, W] in [-1, 1]
+      -> Encoder -> quant_conv -> quantiser -> tokens [B, H/f, W/f]   (VQGAN.encode)
+      -> codebook lookup -> post_quant_conv -> Decoder -> image       (VQGAN.decode)
+
+and a small trainer for the shapes world (SHAPES.md), whose tokenizer is committed
+in checkpoints/shapes/vqgan/.
+
+Command line:
+    python vqgan.py convert SRC OUT_DIR                 taming .ckpt -> config.json + model.safetensors
+    python vqgan.py reconstruct IMAGE --checkpoint DIR --out PATH
+    python vqgan.py train --out checkpoints/shapes/vqgan
+    python vqgan.py eval --checkpoint checkpoints/shapes/vqgan
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TRAIN_STATE_NAME = "train_state.pt"  # optimizer and step for --resume; not part of the checkpoint proper
+
+
+class VQGANError(ValueError):
+    """A user error around VQGAN checkpoints, images or options."""
+
+
+@dataclass
+class VQGANConfig:
+    resolution: int = 256  # image side the model is built for; attention levels are named by their side at this size (taming's `resolution`)
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels out (taming's `out_ch`)
+    ch: int = 128  # channels of the first level; level i has ch * ch_mult[i]
+    ch_mult: tuple[int, ...] = (1, 1, 2, 4)  # one entry per level; downsampling factor f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 2  # ResNet blocks per encoder level; the decoder has one more per level, as in taming
+    attn_resolutions: tuple[int, ...] = (32,)  # feature-map sides (at `resolution`) whose levels get self-attention
+    z_channels: int = 256  # channels of the encoder output and of the decoder input
+    embed_dim: int = 256  # dimension of a codebook vector (quant_conv maps z_channels -> embed_dim)
+    n_embed: int = 8192  # codebook size: the number of distinct image tokens
+    quantizer: str = "gumbel"  # "gumbel" (logits over codes, argmax at inference) or "vector" (nearest code)
+    norm_groups: int = 32  # GroupNorm groups (taming: always 32)
+    beta: float = 0.25  # vector quantiser, training only: weight of the commitment term ||z - sg[e]||^2
+    kl_weight: float = 1e-8  # Gumbel quantiser, training only: weight of the KL to the uniform prior (taming's f8 config)
+    palette: tuple[tuple[int, int, int], ...] = ()  # non-empty: the decoder classifies each pixel over these RGB colours (see `to_image`)
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        self.palette = tuple(tuple(int(v) for v in rgb) for rgb in self.palette)
+        if self.palette and self.out_channels != len(self.palette):
+            raise VQGANError(f"a palette of {len(self.palette)} colours needs out_channels={len(self.palette)}, got {self.out_channels}")
+        if self.quantizer not in ("gumbel", "vector"):
+            raise VQGANError(f"unknown quantizer {self.quantizer!r}: use 'gumbel' or 'vector'")
+        widths = [self.ch] + [self.ch * m for m in self.ch_mult] + [self.z_channels]
+        if any(w % self.norm_groups for w in widths):
+            raise VQGANError(f"every channel count {sorted(set(widths))} must be divisible by norm_groups={self.norm_groups}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def gumbel_f8_8192(cls) -> "VQGANConfig":
+        """taming's Gumbel VQGAN trained on OpenImages: the paper's tokenizer (256x256 -> 32x32 tokens)."""
+        return cls(ch_mult=(1, 1, 2, 4), attn_resolutions=(32,), n_embed=8192, quantizer="gumbel")
+
+    @classmethod
+    def imagenet_f16_1024(cls) -> "VQGANConfig":
+        """taming's ImageNet VQGAN, f=16, 1024 codes (256x256 -> 16x16 tokens)."""
+        return cls(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), n_embed=1024, quantizer="vector")
+
+    @classmethod
+    def imagenet_f16_16384(cls) -> "VQGANConfig":
+        """taming's ImageNet VQGAN, f=16, 16384 codes (256x256 -> 16x16 tokens)."""
+        return cls(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), n_embed=16384, quantizer="vector")
+
+    @classmethod
+    def shapes(cls) -> "VQGANConfig":
+        """The shapes-world tokenizer: 64x64 -> 8x8 tokens, small enough to decode a batch of 64 in ~0.1 s on a CPU."""
+        return cls(resolution=64, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
+                   z_channels=64, embed_dim=16, n_embed=512, quantizer="vector", norm_groups=8)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VQGANConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise VQGANError(f"unknown VQGAN config fields {unknown}: was the checkpoint written by a newer version?")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks (names mirror taming.modules.diffusionmodules.model, so the
+# state-dict keys of the public checkpoints map one-to-one onto ours)
+# ---------------------------------------------------------------------------
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> swish -> conv, twice, plus a (1x1-projected when widths differ) skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))  # taming has dropout here; every public model uses 0.0
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map, 1x1 convs as projections."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        b, c, height, width = x.shape
+        q = self.q(h).reshape(b, c, height * width).permute(0, 2, 1)  # (B, hw, C)
+        k = self.k(h).reshape(b, c, height * width)  # (B, C, hw)
+        v = self.v(h).reshape(b, c, height * width)  # (B, C, hw)
+        # Same op order as taming (bmm, then scale, then softmax), so token maps match it exactly.
+        weights = torch.softmax(torch.bmm(q, k) * c ** -0.5, dim=2)  # (B, hw_query, hw_key)
+        out = torch.bmm(v, weights.permute(0, 2, 1)).reshape(b, c, height, width)  # (B, C, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding one zero column/row on the right/bottom only (taming's asymmetric pad)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResNet blocks, optional attention after each, a resampler."""
+
+    def __init__(self, channels_in: int, channels_out: int, blocks: int, attention: bool, groups: int):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(channels_in if i == 0 else channels_out, channels_out, groups) for i in range(blocks))
+        self.attn = nn.ModuleList(AttnBlock(channels_out, groups) for _ in range(blocks if attention else 0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return h
+
+
+class Middle(nn.Module):
+    """ResNet block, attention, ResNet block at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        c, groups = config, config.norm_groups
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        width, side = c.ch, c.resolution
+        for i, mult in enumerate(c.ch_mult):
+            level = Level(width, c.ch * mult, c.num_res_blocks, side in c.attn_resolutions, groups)
+            width = c.ch * mult
+            if i != len(c.ch_mult) - 1:
+                level.downsample = Downsample(width)
+                side //= 2
+            self.down.append(level)
+        self.mid = Middle(width, groups)
+        self.norm_out = group_norm(width, groups)
+        self.conv_out = nn.Conv2d(width, c.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, ch, H, W)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)  # (B, ch * ch_mult[-1], H/f, W/f)
+        return self.conv_out(swish(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        c, groups = config, config.norm_groups
+        width = c.ch * c.ch_mult[-1]
+        side = c.resolution // c.downsample_factor
+        self.conv_in = nn.Conv2d(c.z_channels, width, 3, padding=1)
+        self.mid = Middle(width, groups)
+        # self.up[i] is the level at the resolution of self.down[i]; it runs deepest first (taming's order).
+        levels = []
+        for i in reversed(range(len(c.ch_mult))):
+            level = Level(width, c.ch * c.ch_mult[i], c.num_res_blocks + 1, side in c.attn_resolutions, groups)
+            width = c.ch * c.ch_mult[i]
+            if i != 0:
+                level.upsample = Upsample(width)
+                side *= 2
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(width, groups)
+        self.conv_out = nn.Conv2d(width, c.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
+        for level in reversed(self.up):
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))  # (B, out_channels, H, W)
+
+
+# ---------------------------------------------------------------------------
+# Quantisers
+# ---------------------------------------------------------------------------
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantiser (VQ-VAE) with a straight-through gradient (taming's VectorQuantizer2)."""
+
+    def __init__(self, n_embed: int, embed_dim: int, beta: float):
+        super().__init__()
+        self.beta = beta
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for every position: z (B, D, h, w) -> (B, h, w)."""
+        b, d, height, width = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        codebook = self.embedding.weight  # (n_embed, D)
+        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, summed in taming's order so ties break the same way.
+        distance = (flat ** 2).sum(1, keepdim=True) + (codebook ** 2).sum(1) - 2 * flat @ codebook.t()  # (B*h*w, n_embed)
+        return distance.argmin(1).reshape(b, height, width)
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors of tokens (B, h, w) -> (B, D, h, w)."""
+        return self.embedding(tokens).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor):
+        """Training: (straight-through z_q, codebook + commitment loss, tokens)."""
+        tokens = self.codes(z)
+        z_q = self.lookup(tokens)
+        # Patch: taming's default (legacy=True) puts beta on the codebook term by mistake; we use
+        # the VQ-VAE paper's form: move codes to encodings, and commit encodings by beta.
+        loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
+        z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient flows into the encoder
+        return z_q, loss, tokens
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: torch.Tensor, dead: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """Move every code marked in `dead` (n_embed,) onto a random encoding from z (B, D, h, w); returns how many."""
+        index = dead.nonzero().flatten()
+        if index.numel() == 0:
+            return 0
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
+        pick = torch.randint(0, flat.shape[0], (index.numel(),), generator=generator, device=flat.device)
+        self.embedding.weight[index] = flat[pick].to(self.embedding.weight.dtype)
+        return int(index.numel())
+
+
+class GumbelQuantizer(nn.Module):
+    """Gumbel-softmax quantiser (taming's GumbelQuantize): a 1x1 conv gives logits over codes."""
+
+    def __init__(self, in_channels: int, n_embed: int, embed_dim: int, kl_weight: float):
+        super().__init__()
+        self.n_embed = n_embed
+        self.kl_weight = kl_weight
+        self.proj = nn.Conv2d(in_channels, n_embed, 1)
+        self.embed = nn.Embedding(n_embed, embed_dim)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        # Patch: taming samples Gumbel noise even in eval mode, so its tokens are random; a tokenizer
+        # must be deterministic, so we take the argmax of the logits (as every downstream user does).
+        return self.proj(z).argmax(1)  # (B, h, w)
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+    def forward(self, z: torch.Tensor, temperature: float = 1.0):
+        """Training: (hard Gumbel-softmax mixture of codes, KL-to-uniform loss, tokens)."""
+        logits = self.proj(z)  # (B, n_embed, h, w)
+        one_hot = F.gumbel_softmax(logits, tau=temperature, dim=1, hard=True)
+        z_q = torch.einsum("bnhw,nd->bdhw", one_hot, self.embed.weight)
+        probs = logits.softmax(1)
+        loss = self.kl_weight * (probs * torch.log(probs * self.n_embed + 1e-10)).sum(1).mean()
+        return z_q, loss, one_hot.argmax(1)
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+class VQGAN(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        if config.quantizer == "vector":
+            self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, config.beta)
+        else:
+            self.quantize = GumbelQuantizer(config.embed_dim, config.n_embed, config.embed_dim, config.kl_weight)
+        if config.palette:  # a constant of the config, not a weight: kept out of the state dict
+            colours = torch.tensor(config.palette, dtype=torch.float32) / 127.5 - 1.0  # (K, 3) in [-1, 1]
+            self.register_buffer("palette_rgb", colours, persistent=False)
+
+    def to_image(self, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> image in [-1, 1].
+
+        Without a palette the decoder predicts RGB directly (taming). With one, as in the
+        shapes world whose images use a handful of exact colours, it predicts a class per
+        pixel and the image is the softmax-weighted palette: trained with cross-entropy,
+        edges come out sharp within a few thousand CPU steps, where an L1/L2 loss on RGB
+        was still blurring them.
+        """
+        if not self.config.palette:
+            return out
+        return torch.einsum("bkhw,kc->bchw", out.softmax(1), self.palette_rgb)  # (B, 3, H, W)
+
+    def palette_classes(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> index of the nearest palette colour per pixel (B, H, W)."""
+        distance = (images[:, None] - self.palette_rgb[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
+        return distance.argmin(1)
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Token grid (h, w) for an image side or (H, W); both must be multiples of the downsampling factor."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        f = self.config.downsample_factor
+        if height % f or width % f:
+            raise VQGANError(f"image size {height}x{width} is not a multiple of the downsampling factor {f}")
+        return height // f, width // f
+
+    def pre_quant(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> encodings (B, embed_dim, H/f, W/f) before quantisation."""
+        self.grid_size(tuple(images.shape[-2:]))
+        return self.quant_conv(self.encoder(images))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> tokens LongTensor (B, H/f, W/f)."""
+        return self.quantize.codes(self.pre_quant(images))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
+        if tokens.dim() != 3:
+            raise VQGANError(f"decode expects tokens of shape (B, h, w), got {tuple(tokens.shape)}")
+        return self.to_image(self.decoder(self.post_quant_conv(self.quantize.lookup(tokens.long()))))
+
+    def decode_code(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Flat tokens with any batch shape, (*batch, n) -> images (*batch, 3, H, W); grid (h, w), default square."""
+        n = tokens.shape[-1]
+        if grid is None:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise VQGANError(f"{n} tokens do not form a square grid: pass grid=(h, w)")
+            grid = (side, side)
+        if grid[0] * grid[1] != n:
+            raise VQGANError(f"grid {grid[0]}x{grid[1]} does not hold {n} tokens")
+        batch = tokens.shape[:-1]
+        images = self.decode(tokens.reshape(-1, *grid))  # (prod(batch), 3, H, W)
+        return images.reshape(*batch, *images.shape[1:])
+
+    def forward(self, images: torch.Tensor):
+        """Training: (decoder output (B, out_channels, H, W), quantiser loss, tokens (B, h, w))."""
+        z_q, quant_loss, tokens = self.quantize(self.pre_quant(images))
+        return self.decoder(self.post_quant_conv(z_q)), quant_loss, tokens
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: native (config.json + model.safetensors) and taming's .ckpt
+# ---------------------------------------------------------------------------
+
+TAMING_KEPT = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+TAMING_DROPPED = ("loss.",)  # discriminator, perceptual (LPIPS) network and logvar of the training loss
+
+
+class _LightningPlaceholder:
+    """Stands in for classes pickled into Lightning checkpoints next to the weights; never instantiated."""
+
+
+# Non-tensor globals found in taming's Lightning checkpoints: PyTorch Lightning 1.x stores the callback
+# state under its class as the dict key. We let the unpickler resolve that name to an inert placeholder
+# instead of importing Lightning, and allow nothing else.
+_CKPT_GLOBALS = [(_LightningPlaceholder, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def read_torch_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a taming .ckpt (or a bare state-dict .pt), read with torch.load(weights_only=True)."""
+    try:
+        with torch.serialization.safe_globals(_CKPT_GLOBALS):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling failed"
+        raise VQGANError(f"{path} cannot be read safely as a weights-only checkpoint ({first})") from None
+    except FileNotFoundError:
+        raise VQGANError(f"{path} does not exist") from None
+    except Exception as error:  # a truncated or foreign file fails in many ways inside the unpickler
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VQGANError(f"{path} is not a readable PyTorch checkpoint ({detail})") from None
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VQGANError(f"{path} holds no state dict of tensors (expected taming's {{'state_dict': ...}})")
+    return state
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor], resolution: int = 256) -> VQGANConfig:
+    """Rebuild the configuration from tensor shapes (all public taming VQGANs were trained at 256x256)."""
+    def shape(key):
+        if key not in state:
+            raise VQGANError(f"the checkpoint lacks {key!r}: it is not a taming VQGAN")
+        return tuple(state[key].shape)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
+    num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
+    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
+    attn = tuple(resolution // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state)
+    gumbel = "quantize.proj.weight" in state
+    n_embed, embed_dim = shape("quantize.embed.weight" if gumbel else "quantize.embedding.weight")
+    return VQGANConfig(
+        resolution=resolution, in_channels=in_channels, out_channels=shape("decoder.conv_out.weight")[0],
+        ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn,
+        z_channels=shape("decoder.conv_in.weight")[1], embed_dim=embed_dim, n_embed=n_embed,
+        quantizer="gumbel" if gumbel else "vector")
+
+
+def taming_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the autoencoder's keys (names are identical to ours), drop the training loss's, refuse the rest."""
+    kept, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(TAMING_KEPT):
+            kept[key] = value
+        elif not key.startswith(TAMING_DROPPED):
+            unknown.append(key)
+    if unknown:
+        raise VQGANError(f"unexpected keys in the taming checkpoint: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    return kept
+
+
+def load_state_strict(model: VQGAN, state: dict[str, torch.Tensor], source: str) -> None:
+    """Check every key and shape with a readable message, then load with strict=True."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise VQGANError(f"{source} does not fit the configured VQGAN: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise VQGANError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then os.replace, so readers never see half a file."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_vqgan(model: VQGAN, out_dir: str | Path, extra: dict | None = None) -> None:
+    """Write config.json (the VQGANConfig plus `extra`) and model.safetensors into out_dir, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    meta = {"model": "vqgan", "config": asdict(model.config), **(extra or {})}
+    _atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def load_vqgan(path: str | Path) -> VQGAN:
+    """A VQGAN in eval mode from a native checkpoint directory, a taming .ckpt, or a taming-layout .safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise VQGANError(f"{path} is not a VQGAN checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            meta = json.loads((path / CONFIG_NAME).read_text())
+            state = load_file(path / WEIGHTS_NAME)
+        except (json.JSONDecodeError, SafetensorError, OSError) as error:
+            raise VQGANError(f"{path} is a damaged checkpoint: {str(error).splitlines()[0]}") from None
+        if meta.get("model") != "vqgan" or "config" not in meta:
+            raise VQGANError(f"{path / CONFIG_NAME} does not describe a VQGAN (model={meta.get('model')!r})")
+        config, source = VQGANConfig.from_dict(meta["config"]), str(path)
+    elif path.is_file():
+        if path.suffix == ".safetensors":
+            try:
+                state = load_file(path)
+            except SafetensorError as error:
+                raise VQGANError(f"{path} is not a readable safetensors file: {error}") from None
+        else:
+            state = read_torch_checkpoint(path)
+        state = taming_to_native(state)
+        config, source = config_from_state_dict(state), str(path)
+    else:
+        raise VQGANError(f"{path} does not exist: pass a checkpoint directory or a taming .ckpt file")
+    model = VQGAN(config)
+    load_state_strict(model, state, source)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------
+# Images <-> tensors
+# ---------------------------------------------------------------------------
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images or uint8 arrays (H, W, 3) -> float tensor (B, 3, H, W) in [-1, 1]."""
+    arrays = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # (B, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float images (B, 3, H, W) in [-1, 1] -> uint8 arrays (B, H, W, 3)."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def side_by_side(originals: np.ndarray, reconstructions: np.ndarray, scale: int = 1, columns: int = 8) -> Image.Image:
+    """A sheet of (original | reconstruction) pairs, `columns` pairs per row."""
+    b, h, w, _ = originals.shape
+    rows = math.ceil(b / columns)
+    pad = 2
+    sheet = Image.new("RGB", (columns * (2 * w + pad) * scale, rows * (h + pad) * scale), (128, 128, 128))
+    for i in range(b):
+        x, y = (i % columns) * (2 * w + pad), (i // columns) * (h + pad)
+        pair = np.concatenate([originals[i], reconstructions[i]], axis=1)  # (h, 2w, 3)
+        tile = Image.fromarray(pair).resize((2 * w * scale, h * scale), Image.NEAREST)
+        sheet.paste(tile, (x * scale, y * scale))
+    return sheet
+
+
+# ---------------------------------------------------------------------------
+# The shapes world: evaluation and training
+# ---------------------------------------------------------------------------
+
+EVAL_SEEDS = (0, 1)
+
+
+def shapes_eval_set(seeds=EVAL_SEEDS) -> tuple[list[str], np.ndarray]:
+    """(captions, images (N, 64, 64, 3) uint8) for every evaluation caption and seed."""
+    import shapes
+    captions = [c for c in shapes.eval_captions() for _ in seeds]
+    images = np.stack([np.asarray(shapes.render(c, s)) for c in shapes.eval_captions() for s in seeds])
+    return captions, images
+
+
+@torch.no_grad()
+def reconstruction_report(model: VQGAN, seeds=EVAL_SEEDS, batch_size: int = 64, device: str = "cpu") -> dict:
+    """How many reconstructions of the shapes evaluation images still pass shapes.score, and codebook usage."""
+    import shapes
+    captions, images = shapes_eval_set(seeds)
+    model.eval()
+    passed, counts = [], torch.zeros(model.config.n_embed, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        batch = to_tensor(images[start:start + batch_size]).to(device)
+        tokens = model.encode(batch)  # (B, h, w)
+        counts += torch.bincount(tokens.flatten().cpu(), minlength=model.config.n_embed)
+        for array, caption in zip(to_uint8(model.decode(tokens)), captions[start:start + batch_size]):
+            passed.append(shapes.score(array, caption))
+    novel = [shapes.is_novel(c) for c in captions]
+    probs = counts.float() / counts.sum()
+    perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
+
+    def rate(select):
+        chosen = [p for p, keep in zip(passed, select) if keep]
+        return sum(chosen) / len(chosen)
+
+    return {"pass_rate": rate([True] * len(passed)), "pass_rate_seen": rate([not n for n in novel]),
+            "pass_rate_novel": rate(novel), "images": len(passed), "codes_used": int((counts > 0).sum()),
+            "n_embed": model.config.n_embed, "perplexity": round(perplexity, 1),
+            "grid": list(model.grid_size(images.shape[1]))}
+
+
+def format_report(report: dict) -> str:
+    return (f"reconstructions passing shapes.score: {report['pass_rate']:.2%} of {report['images']} "
+            f"(seen {report['pass_rate_seen']:.2%}, novel {report['pass_rate_novel']:.2%}); "
+            f"codebook usage {report['codes_used']}/{report['n_embed']} (perplexity {report['perplexity']}); "
+            f"token grid {report['grid'][0]}x{report['grid'][1]}")
+
+
+def shapes_batch(seed: int, step: int, batch_size: int) -> np.ndarray:
+    """A batch of training-split renders, determined by (seed, step) so a resumed run sees the same data."""
+    import shapes
+    rng = random.Random(f"vqgan:{seed}:{step}")
+    return np.stack([np.asarray(shapes.render(shapes.sample_caption(rng, "train"), rng.randrange(2 ** 31)))
+                     for _ in range(batch_size)])
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args) -> dict:
+    """Train a shapes-world VQGAN into args.out; returns the final reconstruction report."""
+    from tqdm import tqdm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    if args.resume:
+        if not (out / TRAIN_STATE_NAME).is_file():
+            raise VQGANError(f"--resume: {out / TRAIN_STATE_NAME} not found; start without --resume")
+        model = load_vqgan(out).to(device)
+        state = torch.load(out / TRAIN_STATE_NAME, map_location=device, weights_only=True)
+        step, usage = state["step"], state["usage"].cpu()
+    else:
+        config = VQGANConfig.shapes()
+        config.n_embed, config.embed_dim, config.ch = args.n_embed, args.embed_dim, args.ch
+        config.ch_mult = tuple(args.ch_mult)
+        config.num_res_blocks, config.z_channels, config.norm_groups = args.num_res_blocks, args.z_channels, args.norm_groups
+        if args.palette:
+            import shapes
+            config.palette = ((0, 0, 0),) + tuple(shapes.COLORS.values())
+            config.out_channels = len(config.palette)
+        config.__post_init__()
+        model, state, step = VQGAN(config).to(device), None, 0
+        usage = torch.zeros(config.n_embed, dtype=torch.long)
+    if model.config.quantizer != "vector":
+        raise VQGANError("the shapes trainer trains the vector quantiser only")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    generator = torch.Generator().manual_seed(args.seed + step)
+    import shapes
+    preview = to_tensor([shapes.render(c, 0) for c in shapes.eval_captions()[:16]]).to(device)  # fixed grid images
+    (out / "samples").mkdir(exist_ok=True)
+    start_time, start_step = time.time(), step
+    meta = {"train": {k: v for k, v in vars(args).items() if k not in ("run", "resume")}}
+
+    def checkpoint():
+        save_vqgan(model, out, {**meta, "step": step})
+        _atomic_write(out / TRAIN_STATE_NAME, lambda tmp: torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "usage": usage}, tmp))
+
+    progress = tqdm(total=args.steps, initial=step, desc="vqgan", dynamic_ncols=True)
+    while step < args.steps:
+        if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
+            progress.write(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
+            break
+        model.train()
+        images = to_tensor(shapes_batch(args.seed, step, args.batch_size)).to(device)  # (B, 3, 64, 64)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        z = model.pre_quant(images)  # (B, D, 8, 8)
+        if step == 0 or (step % args.restart_every == 0 and step < args.steps * 0.9):
+            # Dead-code restart: codes unused since the last check jump onto random current encodings.
+            # At step 0 every code counts as dead, which initialises the codebook from data.
+            restarted = model.quantize.restart_dead_codes(z, usage == 0, generator)
+            if step:
+                progress.write(f"step {step}: restarted {restarted} dead codes")
+            usage.zero_()
+        z_q, quant_loss, tokens = model.quantize(z)
+        decoded = model.decoder(model.post_quant_conv(z_q))  # (B, out_channels, 64, 64)
+        if model.config.palette:
+            rec_loss = F.cross_entropy(decoded, model.palette_classes(images))
+        else:
+            rec_loss = F.l1_loss(decoded, images) + F.mse_loss(decoded, images)
+        loss = rec_loss + quant_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        usage += torch.bincount(tokens.flatten().cpu(), minlength=model.config.n_embed)
+        step += 1
+        progress.update(1)
+        progress.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{quant_loss.item():.4f}",
+                             used=int((usage > 0).sum()))
+        if step % args.sample_every == 0 or step == args.steps:
+            model.eval()
+            with torch.no_grad():
+                sheet = side_by_side(to_uint8(preview), to_uint8(model.decode(model.encode(preview))), scale=2)
+            _atomic_write(out / "samples" / f"step_{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG"))
+        if step % args.checkpoint_every == 0:
+            checkpoint()
+    progress.close()
+    minutes = (time.time() - start_time) / 60
+    report = reconstruction_report(model, seeds=args.eval_seeds, device=device)
+    meta["metrics"] = {**report, "train_minutes_this_run": round(minutes, 1), "steps_this_run": step - start_step}
+    checkpoint()
+    print(f"trained {step - start_step} steps in {minutes:.1f} min; {format_report(report)}")
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def cmd_convert(args) -> None:
+    model = load_vqgan(args.src)
+    save_vqgan(model, args.out_dir, {"converted_from": Path(args.src).name})
+    c = model.config
+    print(f"wrote {args.out_dir}: {c.quantizer} VQGAN, f={c.downsample_factor}, {c.n_embed} codes")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise VQGANError(f"{path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise VQGANError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def cmd_reconstruct(args) -> None:
+    model = load_vqgan(args.checkpoint).to(args.device)
+    image = read_image(args.image)
+    if args.resize:
+        image = image.resize((args.resize, args.resize), Image.BICUBIC)
+    f = model.config.downsample_factor
+    if image.width % f or image.height % f:
+        raise VQGANError(f"{args.image} is {image.width}x{image.height}, not a multiple of {f}: "
+                         f"pass --resize {model.config.resolution}")
+    batch = to_tensor([image]).to(args.device)  # (1, 3, H, W)
+    with torch.no_grad():
+        tokens = model.encode(batch)
+        reconstruction = to_uint8(model.decode(tokens))
+    sheet = side_by_side(to_uint8(batch), reconstruction, scale=args.scale, columns=1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
+    print(f"wrote {out}: original | reconstruction from {tokens.shape[1]}x{tokens.shape[2]} tokens")
+
+
+def cmd_eval(args) -> None:
+    model = load_vqgan(args.checkpoint).to(args.device)
+    start = time.time()
+    report = reconstruction_report(model, seeds=args.seeds, device=args.device)
+    print(format_report(report) + f"  ({time.time() - start:.1f} s)")
+
+
+def cmd_train(args) -> None:
+    if min(args.steps, args.batch_size, args.sample_every, args.checkpoint_every, args.restart_every) < 1:
+        raise VQGANError("--steps, --batch-size, --sample-every, --checkpoint-every and --restart-every must be positive")
+    train(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    convert = sub.add_parser("convert", help="convert a taming .ckpt to the native format", formatter_class=formatter)
+    convert.add_argument("src", help="taming Lightning .ckpt (or a taming-layout .safetensors)")
+    convert.add_argument("out_dir", help="output directory for config.json + model.safetensors")
+    convert.set_defaults(run=cmd_convert)
+
+    rec = sub.add_parser("reconstruct", help="write original | reconstruction side by side", formatter_class=formatter)
+    rec.add_argument("image", help="input image (any mode; converted to RGB)")
+    rec.add_argument("--checkpoint", default="checkpoints/shapes/vqgan", help="VQGAN directory or taming .ckpt")
+    rec.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    rec.add_argument("--resize", type=int, default=None, help="resize the image to this square side first")
+    rec.add_argument("--scale", type=int, default=1, help="pixel upscaling of the written sheet")
+    rec.add_argument("--device", default="cpu", help="torch device")
+    rec.set_defaults(run=cmd_reconstruct)
+
+    ev = sub.add_parser("eval", help="shapes reconstruction pass rate and codebook usage", formatter_class=formatter)
+    ev.add_argument("--checkpoint", default="checkpoints/shapes/vqgan", help="VQGAN directory")
+    ev.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS), help="render seeds per evaluation caption")
+    ev.add_argument("--device", default="cpu", help="torch device")
+    ev.set_defaults(run=cmd_eval)
+
+    tr = sub.add_parser("train", help="train the shapes-world VQGAN", formatter_class=formatter)
+    tr.add_argument("--out", default="checkpoints/shapes/vqgan", help="run directory: checkpoint, samples/, train state")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint and train state in --out")
+    tr.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    tr.add_argument("--batch-size", type=int, default=32, help="images per step")
+    tr.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
+    tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    tr.add_argument("--n-embed", type=int, default=VQGANConfig.shapes().n_embed, help="codebook size")
+    tr.add_argument("--embed-dim", type=int, default=VQGANConfig.shapes().embed_dim, help="codebook vector size")
+    tr.add_argument("--ch", type=int, default=VQGANConfig.shapes().ch, help="channels of the first level")
+    tr.add_argument("--ch-mult", type=int, nargs="+", default=list(VQGANConfig.shapes().ch_mult),
+                    help="channel multiplier per level; f = 2 ** (levels - 1)")
+    tr.add_argument("--num-res-blocks", type=int, default=VQGANConfig.shapes().num_res_blocks, help="ResNet blocks per level")
+    tr.add_argument("--z-channels", type=int, default=VQGANConfig.shapes().z_channels, help="encoder output channels")
+    tr.add_argument("--norm-groups", type=int, default=VQGANConfig.shapes().norm_groups, help="GroupNorm groups")
+    tr.add_argument("--palette", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode to the shapes palette, trained with cross-entropy (see VQGAN.to_image)")
+    tr.add_argument("--restart-every", type=int, default=50, help="steps between dead-code restarts")
+    tr.add_argument("--sample-every", type=int, default=250, help="steps between reconstruction grids in OUT/samples")
+    tr.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    tr.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this many minutes; 0: no limit")
+    tr.add_argument("--eval-seeds", type=int, nargs="+", default=list(EVAL_SEEDS),
+                    help="render seeds per evaluation caption for the final report")
+    tr.add_argument("--seed", type=int, default=0, help="random seed (data and initialisation)")
+    tr.add_argument("--threads", type=int, default=1,
+                    help="CPU threads; 1 is fastest on a CPU shared with other jobs, 0 keeps torch's default")
+    tr.add_argument("--device", default="cpu", help="torch device")
+    tr.set_defaults(run=cmd_train)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (VQGANError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
