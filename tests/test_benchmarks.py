@@ -1,0 +1,135 @@
+"""The benchmarks' analytic FLOPs against a FLOP counter, the extrapolation fit, and the CLIs."""
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import latency, train_speed, train_step
+from emage import Emage, EmageConfig
+
+
+def tiny_config() -> EmageConfig:
+    c = EmageConfig.shapes(codebook_size=32, grid=(3, 4))
+    c.text.layers, c.text.width, c.text.heads, c.text.embed_dim = 2, 32, 2, 16
+    c.width, c.layers, c.heads = 48, 2, 3
+    return c
+
+
+class NoModuleTracker:
+    """Patch: FlopCounterMode's per-module tracker fails on pass 1 of #3 (a no-grad view of
+    the grad-carrying text keys/values has requires_grad but no grad_fn); totals need no tracker."""
+
+    parents = {"Global"}
+    is_bw = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def counted_flops(fn) -> int:
+    """FLOPs that torch's counter sees; the math attention kernel runs attention as matrix
+    products (the CPU flash kernel is not counted), masked or causal pairs included."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = NoModuleTracker()
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    c = tiny_config()
+    tokens = latency.text_tokens(c, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return Emage(c).eval(), tokens
+
+
+def masked_pairs_flops(c: EmageConfig, S: int, width: int, layers: int) -> int:
+    """What the counter adds for a causal pass of S tokens: the S(S-1)/2 masked pairs."""
+    return layers * 4 * width * (S * S - S * (S + 1) // 2)
+
+
+def test_text_flops_match_counter(tiny):
+    model, tokens = tiny
+    c, L = model.config, tokens.shape[1]
+    expected = latency.text_flops(c, L) + masked_pairs_flops(c, L, c.text.width, c.text.layers)
+    assert counted_flops(lambda: model.encode_text(tokens)) == 2 * expected  # batch of 2
+
+
+@pytest.mark.parametrize("loop", ["full", "t4"])
+def test_nar_loop_flops_match_counter(tiny, loop):
+    model, tokens = tiny
+    c, L = model.config, tokens.shape[1]
+    text_extra = masked_pairs_flops(c, L, c.text.width, c.text.layers)
+    algorithm = "full" if loop == "full" else 3
+    counted = counted_flops(lambda: model.generate(tokens, steps=latency.loop_steps(loop), algorithm=algorithm))
+    assert counted == 2 * (latency.loop_flops(c, loop, L) + text_extra)
+
+
+def test_ar_loop_flops_match_counter(tiny):
+    model, tokens = tiny
+    c, L = model.config, tokens.shape[1]
+    text_extra = masked_pairs_flops(c, L, c.text.width, c.text.layers)
+    cached = counted_flops(lambda: model.generate(tokens, algorithm="ar"))
+    assert cached == 2 * (latency.loop_flops(c, "ar-kv", L) + text_extra)  # one query over i + 1 keys: exact
+    uncached = counted_flops(lambda: model.generate(tokens, algorithm="ar", use_cache=False))
+    masked = sum(masked_pairs_flops(c, S, c.width, c.layers) for S in range(1, c.n + 1))
+    assert uncached == 2 * (latency.loop_flops(c, "ar", L) + text_extra + masked)
+
+
+@pytest.mark.parametrize("variant", ["full", 1, 3, "ar"])
+def test_train_flops_match_counter_with_backward(tiny, variant):
+    model, tokens = tiny
+    c, L = model.config, tokens.shape[1]
+    images = torch.randint(0, c.codebook_size, (2, c.n), generator=torch.Generator().manual_seed(0))
+    model.train()
+    try:
+        fn = lambda: model.loss(tokens, images, variant, generator=torch.Generator().manual_seed(0)).backward()  # noqa: E731
+        counted = counted_flops(fn)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    masked = masked_pairs_flops(c, L, c.text.width, c.text.layers)  # the counter sees causal pairs too
+    if variant == "ar":
+        masked += masked_pairs_flops(c, c.n, c.width, c.layers)
+    pooled_backward = 2 * 2 * c.text.width * c.text.embed_dim  # the pooled projection is not in the loss
+    assert counted == 2 * (train_speed.train_flops(c, variant, L) + 3 * masked - pooled_backward)  # backward = 2x forward
+
+
+def test_quadratic_fit_is_exact_on_a_quadratic():
+    a, b, c = latency.fit_quadratic([1, 4, 7, 10], [2 + 3 * x + 0.5 * x * x for x in [1, 4, 7, 10]])
+    assert (a, b, c) == pytest.approx((2, 3, 0.5))
+
+
+def test_latency_cli_measures_and_extrapolates(tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    args = ["--preset", "shapes", "--batch", "1", "--loops", "t4", "full", "ar", "--runs", "1", "--threads", "1", "--peak-size", "256"]
+    assert latency.main(args + ["--max-loop-seconds", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    status = {r["loop"]: r["status"] for r in data["results"]}
+    assert status == {"t4": "extrapolated", "full": "measured", "ar": "extrapolated"}
+    for r in data["results"]:
+        assert r["seconds"] > 0 and 0 < r["mfu"] < 2 and r["flops_per_image"] > 0
+    assert "extrapolated" in capsys.readouterr().out
+
+
+def test_train_step_cli(tmp_path):
+    out = tmp_path / "train.json"
+    args = ["--preset", "shapes", "--variants", "1", "3", "--batch", "2", "--steps", "1", "--warmup", "1"]
+    assert train_step.main(args + ["--threads", "1", "--peak-size", "256", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == [1, 3]
+    assert rows[1]["train_flops_per_step"] > rows[0]["train_flops_per_step"]  # #3 adds the no-grad pass 1
+    assert all(r["image_tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows)
+
+
+def test_latency_cli_rejects_a_missing_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert latency.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
