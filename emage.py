@@ -699,16 +699,23 @@ def load_checkpoint(ckpt_dir, map_location="cpu") -> tuple[Emage, dict]:
     Returns (model in eval mode, info) with info = {variant, step, tokenizer_path,
     vqgan_dir (both absolute), extra}.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(ckpt_dir)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise EmageError(f"{d} is not an Emage checkpoint (needs config.json and model.safetensors)")
-    meta = json.loads((d / "config.json").read_text())
-    if "config" not in meta:
-        raise EmageError(f"{d / 'config.json'} has no 'config' entry; was it written by save_checkpoint?")
+    try:
+        meta = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmageError(f"{d / 'config.json'} is not valid JSON ({e}); copy the checkpoint again") from None
+    if not isinstance(meta, dict) or "config" not in meta or "tokenizer" not in meta or "vqgan_dir" not in meta:
+        raise EmageError(f"{d / 'config.json'} lacks the config, tokenizer or vqgan_dir entry; was it written by save_checkpoint?")
     model = Emage(EmageConfig.from_dict(meta["config"]), variant=meta.get("variant"))
-    state = load_file(str(d / "model.safetensors"), device=str(map_location))
+    try:
+        state = load_file(str(d / "model.safetensors"), device=str(map_location))
+    except SafetensorError as e:
+        raise EmageError(f"{d / 'model.safetensors'} is damaged or not a safetensors file ({e}); copy the checkpoint again") from None
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in state:
