@@ -157,14 +157,14 @@ def check_args(args) -> None:
         raise SampleError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
     if not 1 <= args.num_images <= 256:
         raise SampleError(f"--num-images must be between 1 and 256, got {args.num_images}")
-    if args.temperature < 0:
-        raise SampleError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.guidance < 0:
-        raise SampleError(f"--guidance must be >= 0 (1 = off), got {args.guidance}")
+    if not 0 <= args.temperature < float("inf"):  # nan fails every comparison
+        raise SampleError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 <= args.guidance < float("inf"):
+        raise SampleError(f"--guidance must be a finite number >= 0 (1 = off), got {args.guidance}")
     if not 1 <= args.upscale <= 16:
         raise SampleError(f"--upscale must be between 1 and 16, got {args.upscale}")
-    if args.seed < 0:
-        raise SampleError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**63:
+        raise SampleError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.backend == "onnx" and args.onnx_dir is None:
         raise SampleError("--backend onnx needs --onnx-dir DIR, a folder written by "
                           "python export_onnx.py --checkpoint DIR --out DIR")
