@@ -110,12 +110,15 @@ def apply_overrides(config, overrides: list[str]):
         if not is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
             raise TrainError(f"--set {key}: no such config field; see EmageConfig in emage.py")
         current = getattr(obj, name)
-        if isinstance(current, bool):
-            parsed = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, tuple):
-            parsed = tuple(int(v) for v in value.split(","))
-        else:
-            parsed = type(current)(value)
+        try:
+            if isinstance(current, bool):
+                parsed = value.lower() in ("1", "true", "yes")
+            elif isinstance(current, tuple):
+                parsed = tuple(int(v) for v in value.split(","))
+            else:
+                parsed = type(current)(value)
+        except ValueError:
+            raise TrainError(f"--set {key}={value}: expected {type(current).__name__} like {current!r}") from None
         setattr(obj, name, parsed)
     return config
 
@@ -328,6 +331,10 @@ def resolve_args(args) -> None:
         raise TrainError("--steps, --batch-size and --grad-accum must be positive")
     if args.save_every is None:
         args.save_every = args.eval_every
+    if min(args.save_every, args.eval_every, args.log_every, args.keep) <= 0:
+        raise TrainError("--save-every, --eval-every, --log-every and --keep must be positive")
+    if not (args.lr > 0 and 0 <= args.warmup <= 1):  # nan fails both
+        raise TrainError(f"--lr must be positive and --warmup a fraction in [0, 1], got {args.lr} and {args.warmup}")
 
 
 def train(args) -> int:
@@ -382,7 +389,11 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
                                   betas=(args.beta1, args.beta2), eps=1e-8)
     rng_states = None
     if resume_dir is not None:
-        state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, truncated, or a pickle holding more than tensors: all fail differently
+            raise TrainError(f"{resume_dir / 'train_state.pt'} cannot be read as a weights-only file ({type(e).__name__}); "
+                             "resume from another checkpoint") from None
         optimizer.load_state_dict(state["optimizer"])
         rng_states = state["rng"]
         if state["schedule"]["steps"] != args.steps and is_main:
@@ -592,7 +603,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (TrainError, data.DataError, emage.EmageError, vqgan.VQGANError, ClipTextError) as e:
+    except (TrainError, data.DataError, emage.EmageError, vqgan.VQGANError, ClipTextError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending
