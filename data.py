@@ -546,6 +546,12 @@ def cmd_prepare(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if min(args.shard_size, args.batch_size, args.image_size or 1) < 1:
+        raise DataError("--shard-size, --batch-size and --image-size must be positive")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError):
+        raise DataError(f"--device {args.device!r} is not usable here; use cpu, cuda or cuda:N") from None
     if world > 1:
         torch.distributed.init_process_group("gloo")
     source = open_source(args.source, args.examples, args.seed)
@@ -592,7 +598,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (DataError, vqgan.VQGANError) as e:
+    except (DataError, vqgan.VQGANError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
