@@ -546,7 +546,7 @@ def cmd_prepare(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if min(args.shard_size, args.batch_size, args.image_size or 1) < 1:
+    if min(args.shard_size, args.batch_size, 1 if args.image_size is None else args.image_size) < 1:
         raise DataError("--shard-size, --batch-size and --image-size must be positive")
     try:
         torch.empty(0, device=args.device)
