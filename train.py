@@ -378,7 +378,10 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
             raise TrainError(f"{resume_dir} was trained as variant {info['variant']}, not --variant {args.variant}")
         start_step = info["step"]
         tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with (copied into each checkpoint)
-        tokenizer_path = tokenizer.path
+        # Keep a copy in the run folder: the checkpoint it came from is deleted once --keep newer ones exist.
+        tokenizer_path = out / tokenizer.path.name
+        if rank == 0:
+            shutil.copyfile(tokenizer.path, tokenizer_path)
     else:
         model = build_model(args, tokenizer, shards)
     if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
