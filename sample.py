@@ -6,6 +6,21 @@ Caption -> CLIP text encoder -> T rounds of mask-predict over the image tokens
 (Algorithm 3 of the paper for a #3 model, Algorithm 1 for #1/#2) -> VQGAN
 decoder -> PNG. The default checkpoint is the shapes-world demo shipped in
 `checkpoints/shapes/emage`, which only knows the captions of `shared/SHAPES.md`.
+
+Beyond the paper, the same mask-predict loop edits images (as Muse and aMUSEd do):
+the image is tokenised by the VQGAN, the tokens to redraw are set to [mask] and the
+others are fixed from round 0, and the algorithm fills the rest:
+
+    --init-image IMG --mask MASK.png      inpainting: redraw where the mask is white
+    --init-image IMG --region x0,y0,x1,y1 inpainting: redraw a rectangle (pixels, x1/y1 exclusive)
+    --init-image IMG --place x,y          outpainting: IMG pasted unscaled at (x, y) on a black
+                                          canvas of the model's size; the rest is drawn around it
+    --init-image IMG [--strength s]       variation: redraw a random fraction s of all tokens
+
+A token is redrawn when any pixel of its cell is selected, so edits cover whole cells
+(8 x 8 px for the shapes VQGAN). `--strength` redraws a random fraction of the selected
+tokens (default: all of them; 0.5 for a variation). With `--candidates N` every image is
+the best of N candidates by CLIP image-text similarity, the paper's re-ranking (Section 4).
 """
 from __future__ import annotations
 
@@ -64,6 +79,22 @@ class Pipeline:
         train_args = self.info.get("extra", {}).get("train_args", {})
         return str(train_args.get("data", "shapes")) == "shapes"
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model draws: the token grid times the VQGAN's downsampling factor."""
+        h, w = self.model.config.grid
+        f = self.vqgan.config.downsample_factor
+        return h * f, w * f
+
+    @torch.no_grad()
+    def encode(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image of the model's size -> its VQGAN tokens [1, n] (for editing)."""
+        if not hasattr(self.vqgan, "encode"):
+            raise SampleError("editing needs the VQGAN encoder, which the exported ONNX graphs lack: use --backend torch")
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        tokens = self.vqgan.encode((pixels / 127.5 - 1).to(self.device))  # (1, h, w)
+        return tokens.reshape(1, -1)
+
     def text_tokens(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, context_length=self.model.config.text.context_length).to(self.device)
 
@@ -102,6 +133,98 @@ class Pipeline:
         for i, frame in enumerate(out):
             strip.paste(frame, (i * (frame.width + 2), 0))
         return strip
+
+
+def parse_numbers(text: str, count: int, flag: str) -> tuple[int, ...]:
+    """'x0,y0,x1,y1' -> (x0, y0, x1, y1): `count` integers separated by commas."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise SampleError(f"{flag} takes {count} integers separated by commas, got {text!r}")
+    return values
+
+
+def region_pixels(region: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Pixels [H, W] to redraw: True inside the rectangle x0 <= x < x1, y0 <= y < y1."""
+    H, W = size
+    x0, y0, x1, y1 = region
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise SampleError(f"--region {x0},{y0},{x1},{y1} must satisfy 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} "
+                          "(pixels of the model's canvas)")
+    selected = np.zeros((H, W), dtype=bool)
+    selected[y0:y1, x0:x1] = True
+    return selected
+
+
+def mask_pixels(path, size: tuple[int, int]) -> np.ndarray:
+    """Pixels [H, W] to redraw from a mask image: white (grey level >= 128) is redrawn, black kept,
+    the convention of diffusers' inpainting; the mask is resized (nearest) to the canvas."""
+    H, W = size
+    with Image.open(path) as mask:
+        grey = mask.convert("L").resize((W, H), Image.NEAREST)
+    return np.asarray(grey) >= 128
+
+
+def cells_to_redraw(pixels: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel selection [H, W] -> token selection BoolTensor[n]: a token is redrawn when any
+    pixel of its cell is selected, so the edit covers the whole selection."""
+    h, w = grid
+    H, W = pixels.shape
+    cells = pixels.reshape(h, H // h, w, W // w).any(axis=(1, 3))  # (h, w)
+    return torch.from_numpy(cells).reshape(-1)
+
+
+def random_subset(selected: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """round(strength * count) of the selected positions (at least one), chosen uniformly at random."""
+    positions = selected.nonzero()[:, 0]  # (count,)
+    k = max(1, round(strength * len(positions)))
+    chosen = positions[torch.randperm(len(positions), generator=generator)[:k]]
+    out = torch.zeros_like(selected)
+    out[chosen] = True
+    return out
+
+
+def edit_inputs(args, pipe: Pipeline) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
+    """(canvas image, init_tokens[1, n], keep_mask[1, n]) for emage's generate from the editing flags."""
+    H, W = pipe.image_size
+    with Image.open(args.init_image) as opened:
+        image = opened.convert("RGB")
+    if args.place is not None:  # outpainting: the image unscaled on a black canvas, the rest redrawn
+        x, y = parse_numbers(args.place, 2, "--place")
+        canvas = Image.new("RGB", (W, H))
+        canvas.paste(image, (x, y))
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + image.width, W), min(y + image.height, H)
+        if x0 >= x1 or y0 >= y1:
+            raise SampleError(f"--place {x},{y} puts the {image.width}x{image.height} image outside the {W}x{H} canvas")
+        pixels = ~region_pixels((x0, y0, x1, y1), (H, W))
+    else:
+        canvas = image if image.size == (W, H) else image.resize((W, H), Image.BICUBIC)
+        if args.mask is not None:
+            pixels = mask_pixels(args.mask, (H, W))
+        elif args.region is not None:
+            pixels = region_pixels(parse_numbers(args.region, 4, "--region"), (H, W))
+        else:  # image variation: every token may be redrawn
+            pixels = np.ones((H, W), dtype=bool)
+    selected = cells_to_redraw(pixels, pipe.model.config.grid)  # (n,)
+    if not selected.any():
+        raise SampleError("the mask selects no token to redraw: paint the part to change white")
+    plain_edit = args.mask is not None or args.region is not None or args.place is not None
+    strength = args.strength if args.strength is not None else (1.0 if plain_edit else 0.5)
+    redraw = random_subset(selected, strength, torch.Generator().manual_seed(args.seed))
+    return canvas, pipe.encode(canvas), ~redraw[None].to(pipe.device)
+
+
+def edit_strip(canvas: Image.Image, keep: torch.Tensor, output: Image.Image, grid: tuple[int, int]) -> Image.Image:
+    """input | mask (redrawn cells white) | output, side by side."""
+    h, w = grid
+    cells = (~keep.reshape(h, w).cpu().numpy()).astype(np.uint8) * 255
+    mask = Image.fromarray(cells, "L").resize(canvas.size, Image.NEAREST).convert("RGB")
+    strip = Image.new("RGB", (3 * canvas.width + 4, canvas.height), "white")
+    for i, image in enumerate((canvas, mask, output)):
+        strip.paste(image, (i * (canvas.width + 2), 0))
+    return strip
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -170,6 +293,20 @@ def check_args(args) -> None:
                           "python export_onnx.py --checkpoint DIR --out DIR")
     if args.backend == "onnx" and args.dtype != "fp32":
         raise SampleError("the exported ONNX graphs are fp32: use --dtype fp32 with --backend onnx")
+    if not 1 <= args.candidates <= 256 or args.candidates * args.num_images > 1024:
+        raise SampleError(f"--candidates must be between 1 and 256 (and --num-images x --candidates <= 1024), "
+                          f"got {args.candidates}")
+    editing = (args.mask, args.region, args.place, args.strength)
+    if args.init_image is None and (any(v is not None for v in editing) or args.show_edit):
+        raise SampleError("--mask, --region, --place, --strength and --show-edit edit an image: pass --init-image IMG")
+    if sum(v is not None for v in editing[:3]) > 1:
+        raise SampleError("pass one of --mask, --region and --place")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise SampleError(f"--strength is the fraction of tokens to redraw, in (0, 1], got {args.strength}")
+    if args.init_image is not None and args.algorithm in ("full", "ar"):
+        raise SampleError(f"editing needs algorithm 1 or 3 (mask-predict), not --algorithm {args.algorithm}")
+    if args.init_image is not None and args.backend == "onnx":
+        raise SampleError("editing needs the VQGAN encoder, which the exported ONNX graphs lack: use --backend torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,11 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
                         help="run the model in PyTorch, or the graphs of export_onnx.py on ONNX Runtime")
     parser.add_argument("--onnx-dir", type=Path, help="folder written by export_onnx.py (with --backend onnx)")
+    edit = parser.add_argument_group("editing (see the top of this file)")
+    edit.add_argument("--init-image", type=Path, help="image to edit (resized to the model's canvas unless --place)")
+    edit.add_argument("--mask", type=Path, help="inpainting mask: white = redraw, black = keep")
+    edit.add_argument("--region", help="inpainting rectangle x0,y0,x1,y1 in canvas pixels (x1, y1 exclusive)")
+    edit.add_argument("--place", help="outpainting: paste --init-image unscaled at x,y on a black canvas, draw the rest")
+    edit.add_argument("--strength", type=float,
+                      help="fraction of the selected tokens redrawn, at random (default: 1, or 0.5 for a variation)")
+    edit.add_argument("--show-edit", action="store_true", help="also write <out>-edit.png: input | mask | output")
+    rank = parser.add_argument_group("re-ranking (the paper's protocol: 16 candidates, best by CLIP)")
+    rank.add_argument("--candidates", type=int, default=1, help="candidates drawn per image; the best is kept")
+    rank.add_argument("--rerank", default="clip", choices=("clip",), help="how candidates are scored")
+    rank.add_argument("--clip", type=Path, default=ROOT / "checkpoints" / "shapes" / "clip",
+                      help="whole CLIP checkpoint for --rerank clip (clip_image.load_reranker reads it)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import clip_image
     import clip_text
     import emage
     import export_onnx
@@ -226,15 +377,29 @@ def main(argv=None) -> int:
             except shapes.ShapesError as error:
                 warnings.warn(f"this model only knows the shapes world ({error}); generating anyway", stacklevel=1)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+        C = args.candidates
         options = dict(steps=args.steps, schedule=args.schedule, temperature=args.temperature,
-                       guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images,
+                       guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images * C,
                        negative_prompt=args.negative_prompt, return_history=args.show_steps)
         if args.algorithm:
             options["algorithm"] = emage.parse_algorithm(args.algorithm)
+        reranker = clip_image.load_reranker(args.clip, device=device) if C > 1 else None
         with amp:
+            if args.init_image is not None:
+                canvas, options["init_tokens"], keep = edit_inputs(args, pipe)
+                options["keep_mask"] = keep
             result = pipe.generate(args.prompt, **options)
             tokens, history = result if args.show_steps else (result, None)
-            images = pipe.decode(tokens)
+            images = pipe.decode(tokens)  # candidates of one image adjacent
+        rows = list(range(len(images)))
+        if reranker is not None:  # keep the candidate with the highest image-text similarity
+            rows = []
+            for i in range(args.num_images):
+                scores = reranker(np.stack([np.asarray(im) for im in images[i * C:(i + 1) * C]]), args.prompt)
+                rows.append(i * C + int(np.argmax(scores)))
+                print(f"image {i}: CLIP similarity of the {C} candidates "
+                      + " ".join(f"{s:.3f}" for s in scores) + f"; kept {rows[-1] - i * C}", file=sys.stderr)
+            images = [images[r] for r in rows]
         if device.type == "cuda":
             torch.cuda.synchronize()
         sampled = time.perf_counter()
@@ -243,13 +408,24 @@ def main(argv=None) -> int:
                       "negative_prompt": args.negative_prompt, "variant": pipe.info["variant"],
                       "algorithm": args.algorithm or "default", "backend": args.backend,
                       "checkpoint": str(args.onnx_dir if args.backend == "onnx" else args.checkpoint)}
+        if C > 1:
+            parameters.update(candidates=C, rerank=args.rerank, clip=str(args.clip))
+        if args.init_image is not None:
+            parameters.update(init_image=str(args.init_image), mask=args.mask and str(args.mask), region=args.region,
+                              place=args.place, strength=args.strength)
         for i, (image, path) in enumerate(zip(images, output_paths(args, len(images)))):
             save_png(upscale(image, args.upscale), path, dict(parameters, index=i))
             print(path)
             if history is not None:
                 steps_path = path.with_name(f"{path.stem}-steps.png")
-                save_png(upscale(pipe.decode_history(history, i), args.upscale), steps_path, dict(parameters, index=i))
+                save_png(upscale(pipe.decode_history(history, rows[i]), args.upscale), steps_path,
+                         dict(parameters, index=i))
                 print(steps_path)
+            if args.show_edit and args.init_image is not None:
+                edit_path = path.with_name(f"{path.stem}-edit.png")
+                strip = edit_strip(canvas, keep[0], image, pipe.model.config.grid)
+                save_png(upscale(strip, args.upscale), edit_path, dict(parameters, index=i))
+                print(edit_path)
         print(f"sampled {len(images)} image(s) in {sampled - loaded:.3f} s "
               f"({args.steps} rounds, {device.type}); loading took {loaded - started:.3f} s", file=sys.stderr)
     except user_errors as error:
