@@ -194,15 +194,18 @@ class TarSource:
                 raise DataError(f"cannot open tar shard {path}: {e}")
             with tar:
                 key, members = None, {}
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    k, ext = _tar_key(info.name)
-                    if k != key and key is not None:
-                        yield f"{path.stem}/{key}", (lambda m=members: self._load(tar, m))
-                        members = {}
-                    key = k
-                    members[ext] = info
+                try:
+                    for info in tar:
+                        if not info.isfile():
+                            continue
+                        k, ext = _tar_key(info.name)
+                        if k != key and key is not None:
+                            yield f"{path.stem}/{key}", (lambda m=members: self._load(tar, m))
+                            members = {}
+                        key = k
+                        members[ext] = info
+                except tarfile.TarError as e:  # a truncated or damaged shard ends mid-member
+                    raise DataError(f"tar shard {path} is damaged after member {key!r} ({e}); download it again or leave it out") from None
                 if key is not None:
                     yield f"{path.stem}/{key}", (lambda m=members: self._load(tar, m))
 
