@@ -91,7 +91,7 @@ class Pipeline:
         """An RGB image of the model's size -> its VQGAN tokens [1, n] (for editing)."""
         if not hasattr(self.vqgan, "encode"):
             raise SampleError("editing needs the VQGAN encoder, which the exported ONNX graphs lack: use --backend torch")
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
         tokens = self.vqgan.encode((pixels / 127.5 - 1).to(self.device))  # (1, h, w)
         return tokens.reshape(1, -1)
 
