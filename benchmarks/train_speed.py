@@ -105,6 +105,9 @@ def main(argv=None) -> int:
         records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     peak = max(peak_before, matmul_peak(device, dtype))  # on a shared machine, the better of before and after
     timed = [r for r in records if "loss" in r and r["step"] > args.warmup]
+    if not timed:  # train.py stops cleanly on SIGTERM (a timeout, say) with fewer steps
+        print(f"error: the run ended after {len(records)} steps, before any timed step", file=sys.stderr)
+        return 1
     seconds = sum(1 / r["steps_per_s"] for r in timed) / len(timed)
     text_length = config.text.context_length
     flops_per_step = batch * train_flops(config, variant, text_length)
