@@ -68,7 +68,8 @@ def rerank(args) -> dict:
     print("| candidates | seen | novel | all | any of C passes (all) |\n|---|---|---|---|---|")
     for c, r in rows.items():
         a = r["reranked"]
-        print(f"| {c} | {a['seen']:.3f} | {a['novel']:.3f} | {a['all']:.3f} | {r['any_of_c']['all']:.3f} |")
+        print(f"| {c} | {a['seen']['accuracy']:.3f} | {a['novel']['accuracy']:.3f} | {a['all']['accuracy']:.3f} "
+              f"| {r['any_of_c']['all']['accuracy']:.3f} |")
     return {"settings": {**{k: str(v) for k, v in vars(args).items() if k != "run"}, "captions": len(captions)},
             "rows": {str(c): r for c, r in rows.items()}, "seconds": round(time.perf_counter() - started)}
 
