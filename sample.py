@@ -370,6 +370,7 @@ def main(argv=None) -> int:
         else:
             device = pick_device(args.device)
             pipe = Pipeline.load(args.checkpoint, device)
+        reranker = clip_image.load_reranker(args.clip, device=device) if args.candidates > 1 else None
         loaded = time.perf_counter()
         if pipe.knows_only_shapes:
             try:
@@ -383,7 +384,6 @@ def main(argv=None) -> int:
                        negative_prompt=args.negative_prompt, return_history=args.show_steps)
         if args.algorithm:
             options["algorithm"] = emage.parse_algorithm(args.algorithm)
-        reranker = clip_image.load_reranker(args.clip, device=device) if C > 1 else None
         with amp:
             if args.init_image is not None:
                 canvas, options["init_tokens"], keep = edit_inputs(args, pipe)
