@@ -1,5 +1,6 @@
 """export_onnx.py: every graph matches PyTorch, and the ONNX Runtime sampler commits the
 same tokens as Emage.generate for the same caption and seed."""
+import inspect
 import json
 from pathlib import Path
 
@@ -75,9 +76,22 @@ def test_parity_check_fails_loudly_on_a_different_model(exported):
     changed, _ = tiny_models()
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
-        changed.blocks[0].mlp[0].bias += 1e-2  # the graphs were exported from `model`
+        changed.head.bias += 0.1 * torch.randn(changed.head.bias.shape)  # the graphs were exported from `model`
     with pytest.raises(export_onnx.ExportError, match="parity check failed"):
         export_onnx.check_graphs(changed, decoder, folder)
+
+
+def test_unexplained_samples_accepts_only_boundary_cases():
+    g = torch.Generator().manual_seed(0)
+    logits, u = torch.randn(4, 8, 16, generator=g), torch.rand(4, 8, generator=g)
+    for temperature in (1.0, 0.5, 0.0):
+        sampled, _ = emage.sample_tokens(logits, u, temperature)
+        assert not export_onnx.unexplained_samples(logits, u, temperature, sampled).any()
+        assert export_onnx.unexplained_samples(logits, u, temperature, (sampled + 1) % 16).float().mean() > 0.9
+    cdf = logits.softmax(-1).cumsum(-1)
+    on_boundary = cdf[..., 5] / cdf[..., -1]  # u that lands exactly between tokens 5 and 6
+    for token in (5, 6):
+        assert not export_onnx.unexplained_samples(logits, on_boundary, 1.0, torch.full_like(u, token).long()).any()
 
 
 def test_topk_commit_equals_stable_sort_under_ties(tmp_path):
@@ -179,14 +193,55 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
         export_onnx.OnnxPipeline.load(exported[0]).model.generate(torch.zeros(1, 24, dtype=torch.long), algorithm="ar")
 
 
+def assert_same_or_rounding(model, onnx_model, text_tokens, seed: int, steps: int, want, got) -> bool:
+    """True when the token maps and histories of the two backends agree; otherwise asserts that
+    the first round where they part is a sample within float rounding of a CDF boundary (or a
+    tie in the commit ranking), and returns False.
+
+    Until that round both backends had the same inputs and noise: the round is replayed from
+    them, the replay must give each backend's own result, and `check_round` must find every
+    difference between the two explained by rounding. Algorithm 3, no guidance, default
+    temperatures (as Pipeline.generate samples)."""
+    (want_tokens, want_history), (got_tokens, got_history) = want, got
+    if torch.equal(want_tokens, got_tokens) and torch.equal(want_history, got_history):
+        return True
+    c, (B, n) = model.config, want_tokens.shape
+    t = next(i for i in range(steps) if not torch.equal(want_history[i], got_history[i]))  # round t + 1
+    previous = want_history[t - 1] if t else torch.full((B, n), c.mask_id)
+    g = torch.Generator().manual_seed(seed)
+    u_token, u_confidence = [torch.rand(B, n, generator=g) for _ in range(2 * (t + 1))][-2:]  # emage's order
+    scale = inspect.signature(emage.Emage.generate).parameters["choice_temperature"].default * (1 - (t + 1) / steps)
+    with torch.no_grad():
+        text_kv, text_mask = (x.repeat_interleave(B // len(text_tokens), 0) for x in model.encode_text(text_tokens))
+        x = dict(tokens=previous, committed=previous != c.mask_id, frozen=torch.zeros(B, n, dtype=torch.bool),
+                 text_kv=text_kv, text_mask=text_mask, u_token=u_token, u_confidence=u_confidence,
+                 count=emage.commit_counts("cosine", steps, torch.full((B,), n))[t],
+                 gumbel_scale=torch.tensor(scale), temperature=torch.tensor(1.0))
+        sampled, p_obs = emage.sample_tokens(model.round_logits(previous, text_kv, text_mask), u_token, 1.0)
+        confidence = emage.gumbel_confidence(p_obs, u_confidence, scale)
+        replayed, _ = emage.commit_algorithm3(previous, x["committed"], x["frozen"], sampled, confidence, x["count"],
+                                              c.mask_id)
+        assert torch.equal(replayed, want_history[t])
+        (onnx_replayed,) = onnx_model.sessions["round"].run(["tokens_out"], {k: v.numpy() for k, v in x.items()})
+        assert np.array_equal(onnx_replayed, got_history[t].numpy())
+        export_onnx.check_round(onnx_model.sessions["round"], model, x, guided=False, algorithm=3, temperature=1.0)
+    return False
+
+
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the shapes demo checkpoint is not committed yet")
 def test_demo_checkpoint_ten_prompts(tmp_path):
-    """The committed demo: export, then 10 evaluation captions give the same tokens on both backends."""
+    """The committed demo: export it, then 10 evaluation captions, 2 images each, give the same
+    tokens on both backends, up to samples that lie within float rounding of a boundary."""
     import shapes
 
     export_onnx.export_checkpoint(DEMO, tmp_path / "onnx", log=lambda *_: None)
     torch_pipe = sample.Pipeline.load(DEMO, "cpu")
     onnx_pipe = export_onnx.OnnxPipeline.load(tmp_path / "onnx", "cpu")
+    assert torch_pipe.model.variant == 3
+    identical = 0
     for seed, prompt in enumerate(shapes.eval_captions()[:10]):
-        want = torch_pipe.generate(prompt, seed=seed, num_images=2)
-        assert torch.equal(onnx_pipe.generate(prompt, seed=seed, num_images=2), want), prompt
+        want = torch_pipe.generate(prompt, seed=seed, num_images=2, return_history=True)
+        got = onnx_pipe.generate(prompt, seed=seed, num_images=2, return_history=True)
+        identical += assert_same_or_rounding(torch_pipe.model, onnx_pipe.model, torch_pipe.text_tokens([prompt]),
+                                             seed, 16, want, got)
+    assert identical >= 8  # measured: 9 of 10 identical; one differs in 1 of 128 tokens, in the last round
