@@ -146,3 +146,14 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert clip_image.main(["score", "x.png", "--caption", "a red circle", "--clip", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+def test_committed_shapes_clip_reproduces_its_recorded_evaluation():
+    """The shipped checkpoint loads, and re-evaluating it gives the numbers train-shapes stored."""
+    model, tokenizer = clip_image.load_clip(clip_image.SHAPES_CLIP)
+    assert model.visual.config == clip_image.VisionConfig.shapes() and model.text.config == clip_image.shapes_text_config()
+    recorded = json.loads((clip_image.SHAPES_CLIP / "config.json").read_text())["training"]
+    measured = clip_image.retrieval_accuracy(model, tokenizer)
+    assert measured["beats_hard_negative"] == pytest.approx(recorded["beats_hard_negative"], abs=1e-6)
+    assert measured["retrieval_top1"] == pytest.approx(recorded["retrieval_top1"], abs=1e-6)
+    assert measured["beats_hard_negative"] > 0.75  # an image prefers its caption to a one-detail change
