@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--region", help="inpainting rectangle x0,y0,x1,y1 in canvas pixels (x1, y1 exclusive)")
     edit.add_argument("--place", help="outpainting: paste --init-image unscaled at x,y on a black canvas, draw the rest")
     edit.add_argument("--strength", type=float,
-                      help="fraction of the selected tokens redrawn, at random (default: 1, or 0.5 for a variation)")
+                      help="fraction of the selected tokens redrawn, at random; unset: 1 with --mask/--region/--place, "
+                           "0.5 for a variation")
     edit.add_argument("--show-edit", action="store_true", help="also write <out>-edit.png: input | mask | output")
     rank = parser.add_argument_group("re-ranking (the paper's protocol: 16 candidates, best by CLIP)")
     rank.add_argument("--candidates", type=int, default=1, help="candidates drawn per image; the best is kept")
