@@ -233,10 +233,12 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     if temperature == 0:  # greedy; the confidence is the model's own probability
         p, tokens = F.softmax(logits.float(), dim=-1).max(-1)
         return tokens, p
-    probs = F.softmax(logits.float() / temperature, dim=-1)  # (B, n, K)
-    cdf = probs.cumsum(-1)  # (B, n, K)
+    logits = logits.float()
+    probs = F.softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # (B, n, K)
+    cdf = probs.cumsum(-1)  # (B, n, K), non-decreasing
     target = u[..., None] * cdf[..., -1:]  # (B, n, 1)
-    tokens = (cdf < target).sum(-1).clamp(max=logits.shape[-1] - 1)  # (B, n)
+    # the number of cumulative probabilities below u, found by bisection (same as (cdf < target).sum(-1))
+    tokens = torch.searchsorted(cdf, target)[..., 0].clamp(max=logits.shape[-1] - 1)  # (B, n)
     return tokens, probs.gather(-1, tokens[..., None])[..., 0]
 
 
@@ -311,9 +313,12 @@ class SelfAttention(nn.Module):
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, S, hd)
         if cache is not None:  # AR decoding: one new query attends to every earlier position
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, h, S', hd)
-            cache["k"], cache["v"] = k, v
+            if "k" not in cache:  # first step: room for the whole sequence, written in place (no
+                cache["k"] = k.new_empty(B, self.heads, cache["size"], D // self.heads)  # growing copy)
+                cache["v"], cache["length"] = torch.empty_like(cache["k"]), 0
+            start, end = cache["length"], cache["length"] + S
+            cache["k"][:, :, start:end], cache["v"][:, :, start:end] = k, v
+            k, v, cache["length"] = cache["k"][:, :, :end], cache["v"][:, :, :end], end  # (B, h, end, hd)
             causal = False  # S == 1: the cache holds only the past
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, S, hd)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
@@ -595,7 +600,7 @@ class Emage(nn.Module):
 
     def _embed(self, tokens, caches=None):
         """Token + position embeddings; with an AR cache, positions continue after the cached ones."""
-        start = caches[0]["k"].shape[2] if caches is not None and "k" in caches[0] else 0
+        start = caches[0].get("length", 0) if caches is not None else 0
         return self.tok_emb(tokens) + self.pos_emb[start : start + tokens.shape[1]]  # (B, S, D)
 
     def _generation_text(self, text_tokens, num_candidates, scale, negative_tokens):
@@ -638,7 +643,7 @@ class Emage(nn.Module):
         """
         B, n = u.shape
         x = torch.full((B, 1), self.config.mask_id, dtype=torch.long, device=u.device)  # start token
-        caches = [{} for _ in self.blocks] if use_cache else None
+        caches = [{"size": n} for _ in self.blocks] if use_cache else None  # positions to make room for
         for i in range(n):
             logits = predict(x[:, -1:], causal=True, caches=caches) if use_cache else predict(x, causal=True)
             token, _ = sample_tokens(logits[:, -1:], u[:, i : i + 1], temperature)  # (B', 1)
