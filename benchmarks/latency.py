@@ -13,6 +13,12 @@ and the model FLOPs utilisation (MFU) against the fp32 (or --dtype) matrix-multi
 measured right before that loop in the same process and threads, so a shared machine
 cannot flatter or spoil the ratio between loops.
 
+Every time is taken twice: wall clock, and the CPU time of the process. On a machine shared
+with other jobs the wall clock measures the load as much as the code; the CPU time (and
+MFU-CPU: model FLOPs per CPU second over the matmul's FLOPs per CPU second) is what the code
+itself costs. With several threads on an oversubscribed CPU, OpenMP threads wait for each
+other at every operator: use --threads 1 there.
+
 A latency is the whole `Emage.generate` call: text encoder (once per caption), every
 decoding round and the token sampling; not the VQGAN decoder, which is common to both.
 
@@ -155,25 +161,31 @@ def _proc_status_kib(key: str) -> int:
         return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
 
 
-def time_call(fn, device: torch.device) -> float:
+def time_call(fn, device: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of one call of fn."""
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 5, size: int | None = None) -> float:
-    """FLOP/s of a large square matrix product (median of `runs` after a warm-up): the
-    machine's practical ceiling for the dtype with the current threads. size: the side,
-    default 2048 on CPU, 8192 on GPU."""
+def matmul_rates(device: torch.device, dtype: torch.dtype, runs: int = 5, size: int | None = None) -> tuple[float, float]:
+    """FLOPs per wall-clock second and per CPU second of a large square matrix product
+    (medians of `runs` after a warm-up): the machine's practical ceiling for the dtype with
+    the current threads. size: the side, default 2048 on CPU, 8192 on GPU."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    times = [time_call(lambda: a @ b, device) for _ in range(runs)]
-    return 2 * size**3 / statistics.median(times)
+    walls, cpus = zip(*(time_call(lambda: a @ b, device) for _ in range(runs)))
+    return 2 * size**3 / statistics.median(walls), 2 * size**3 / statistics.median(cpus)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 5, size: int | None = None) -> float:
+    """FLOP/s (wall clock) of a large square matrix product; see matmul_rates."""
+    return matmul_rates(device, dtype, runs, size)[0]
 
 
 def text_tokens(c: EmageConfig, batch: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -187,24 +199,55 @@ def text_tokens(c: EmageConfig, batch: int, device: torch.device, generator: tor
 
 
 @dataclass
+class Timing:
+    """Median wall-clock and CPU seconds of one call (or their extrapolation)."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def median(cls, pairs) -> "Timing":
+        walls, cpus = zip(*pairs)
+        return cls(statistics.median(walls), statistics.median(cpus))
+
+    def __add__(self, other: "Timing") -> "Timing":
+        return Timing(self.wall + other.wall, self.cpu + other.cpu)
+
+    def __sub__(self, other: "Timing") -> "Timing":
+        return Timing(max(self.wall - other.wall, 0.0), max(self.cpu - other.cpu, 0.0))
+
+    def __rmul__(self, k: float) -> "Timing":
+        return Timing(k * self.wall, k * self.cpu)
+
+
+@dataclass
 class Result:
     loop: str  # one of LOOPS
     batch: int
-    seconds: float  # per call of the loop (the whole batch)
+    seconds: float  # wall clock per call of the loop (the whole batch)
+    cpu_seconds: float  # CPU time of the process per call (all threads)
     status: str  # "measured" or "extrapolated"
     flops_per_image: int
-    peak_flops: float  # matrix-multiply FLOP/s measured right before this loop
-    peak_memory_mb: float  # CPU: process resident set; CUDA: torch-allocated bytes
-    runs: list[float] = field(default_factory=list)  # the timed runs (measured) or the fitted inputs
+    peak_flops: float  # matrix-multiply FLOPs per wall-clock second, measured right before this loop
+    peak_cpu_flops: float  # the same product's FLOPs per CPU second
+    peak_memory_mb: float  # CPU: process resident set (weights included); CUDA: torch-allocated bytes
+    runs: list = field(default_factory=list)  # (wall, cpu) of the timed runs, or the extrapolation inputs
     note: str = ""
 
     @property
     def mfu(self) -> float:
+        """Model FLOPs per wall-clock second / the matmul's."""
         return self.flops_per_image * self.batch / self.seconds / self.peak_flops
+
+    @property
+    def mfu_cpu(self) -> float:
+        """Model FLOPs per CPU second / the matmul's: the same ratio with the time this process
+        was scheduled, which other jobs on a shared machine do not dilute."""
+        return self.flops_per_image * self.batch / self.cpu_seconds / self.peak_cpu_flops
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
-        d.update(title=LOOP_TITLES[self.loop], seconds_per_image=self.seconds / self.batch, mfu=self.mfu)
+        d.update(title=LOOP_TITLES[self.loop], seconds_per_image=self.seconds / self.batch, mfu=self.mfu, mfu_cpu=self.mfu_cpu)
         return d
 
 
@@ -217,20 +260,14 @@ class Bench:
         self.text = text_tokens(self.c, batch, device, torch.Generator().manual_seed(0))
         self.text_length = self.text.shape[1]
 
-    def matmul_peak(self) -> float:
-        return matmul_peak(self.device, self.dtype, size=self.args.peak_size)
-
     def generator(self) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(0)
 
-    def measure(self, fn, runs: int) -> tuple[list[float], float]:
-        """(times of `runs` calls, peak memory MB over them); the caller has warmed fn up."""
-        base = reset_peak_memory(self.device)
+    def measure(self, fn, runs: int) -> tuple[list, float]:
+        """((wall, cpu) of `runs` calls, peak memory MB over them); the caller has warmed fn up."""
+        reset_peak_memory(self.device)
         times = [time_call(fn, self.device) for _ in range(runs)]
-        peak = peak_memory(self.device)
-        if self.device.type == "cuda":
-            peak = max(peak - base, 0) + base  # allocated bytes, weights included
-        return times, peak / 2**20
+        return times, peak_memory(self.device) / 2**20
 
     def generate(self, loop: str):
         algorithm = {"full": "full", "ar-kv": "ar", "ar": "ar"}.get(loop, 3)
@@ -238,42 +275,49 @@ class Bench:
         use_cache = loop != "ar"
         return lambda: self.model.generate(self.text, steps=steps, algorithm=algorithm, generator=self.generator(), use_cache=use_cache)
 
-    def result(self, loop, seconds, status, peak_mb, runs, note="") -> Result:
-        return Result(loop, self.batch, seconds, status, loop_flops(self.c, loop, self.text_length), self.peak, peak_mb, runs, note)
+    def result(self, loop, timing: Timing, status, peak_mb, runs, note="") -> Result:
+        flops = loop_flops(self.c, loop, self.text_length)
+        cpu = timing.cpu if self.device.type == "cpu" else float("nan")  # host time says nothing of a GPU's work
+        return Result(loop, self.batch, timing.wall, cpu, status, flops, *self.peaks, peak_mb, runs, note)
+
+    def measured(self, loop: str) -> Result:
+        times, mb = self.measure(self.generate(loop), self.args.runs)
+        return self.result(loop, Timing.median(times), "measured", mb, times)
 
     def run(self, loops: list[str]) -> list[Result]:
         args, out = self.args, []
-        self.peak = self.matmul_peak()
+        self.peaks = full_peaks = matmul_rates(self.device, self.dtype, size=args.peak_size)
         # Warm-up: one round (every NAR round has these shapes) and the text encoder.
         self.generate("full")()
         text_times, _ = self.measure(lambda: self.model.encode_text(self.text), args.runs)
-        self.text_s = statistics.median(text_times)
-        full_times, full_mb = self.measure(self.generate("full"), args.runs)
-        self.round_s = max(statistics.median(full_times) - self.text_s, 0.0)
+        self.text_t = Timing.median(text_times)
+        self.full_times, self.full_mb = self.measure(self.generate("full"), args.runs)
+        self.round_t = Timing.median(self.full_times) - self.text_t
         for loop in loops:
-            self.peak = self.matmul_peak()
-            if loop == "full":
-                res = self.result(loop, statistics.median(full_times), "measured", full_mb, full_times)
+            if loop != "full":
+                self.peaks = matmul_rates(self.device, self.dtype, size=args.peak_size)
+            if loop == "full":  # timed above, right after full_peaks
+                self.peaks = full_peaks
+                res = self.result(loop, Timing.median(self.full_times), "measured", self.full_mb, self.full_times)
             elif loop == "ar-kv":
                 self.generate(loop)()  # warm-up
-                times, mb = self.measure(self.generate(loop), args.runs)
-                res = self.result(loop, statistics.median(times), "measured", mb, times)
+                res = self.measured(loop)
             elif loop == "ar":
                 res = self.run_uncached_ar()
             else:
-                res = self.run_nar(loop, full_mb)
+                res = self.run_nar(loop)
             out.append(res)
             print(format_row(res), flush=True)
         return out
 
-    def run_nar(self, loop: str, full_mb: float) -> Result:
+    def run_nar(self, loop: str) -> Result:
         T = loop_steps(loop)
-        predicted = self.text_s + T * self.round_s
-        if predicted <= self.args.max_loop_seconds:
-            times, mb = self.measure(self.generate(loop), self.args.runs)
-            return self.result(loop, statistics.median(times), "measured", mb, times)
-        note = f"text {self.text_s:.3f} s + {T} x round {self.round_s:.3f} s (round = T=1 loop - text, medians of {self.args.runs})"
-        return self.result(loop, predicted, "extrapolated", full_mb, [self.text_s, self.round_s], note)
+        predicted = self.text_t + T * self.round_t
+        if predicted.wall <= self.args.max_loop_seconds:
+            return self.measured(loop)
+        note = (f"text {self.text_t.wall:.3f} s + {T} x round {self.round_t.wall:.3f} s "
+                f"(round = T=1 loop - text, medians of {self.args.runs})")
+        return self.result(loop, predicted, "extrapolated", self.full_mb, [self.text_t.__dict__, self.round_t.__dict__], note)
 
     def uncached_step(self, S: int):
         """One step of the uncached AR loop at prefix length S, as generate runs it: the causal
@@ -292,24 +336,25 @@ class Bench:
     def run_uncached_ar(self) -> Result:
         n = self.c.n
         points = sorted({max(1, round(n * f)) for f in (0.25, 0.5, 0.75, 1.0)})
-        step_times, mb = [], 0.0
+        steps, mb = [], 0.0
         for S in points:
             step = self.uncached_step(S)
             step()  # warm-up at this length
             times, peak = self.measure(step, self.args.runs)
-            step_times.append(statistics.median(times))
+            steps.append(Timing.median(times))
             mb = max(mb, peak)
-        a, b, c = fit_quadratic(points, step_times)
-        predicted = self.text_s + sum(a + b * S + c * S * S for S in range(1, n + 1))
-        if predicted <= self.args.max_loop_seconds:
-            times, mb = self.measure(self.generate("ar"), self.args.runs)
-            note = f"(the step fit predicted {predicted:.3g} s)"
-            return self.result("ar", statistics.median(times), "measured", mb, times, note)
+        fits = [fit_quadratic(points, [getattr(t, k) for t in steps]) for k in ("wall", "cpu")]
+        wall, cpu = (sum(a + b * S + c * S * S for S in range(1, n + 1)) for a, b, c in fits)
+        predicted = self.text_t + Timing(wall, cpu)
+        if predicted.wall <= self.args.max_loop_seconds:
+            res = self.measured("ar")
+            res.note = f"(the step fit predicted {predicted.wall:.3g} s)"
+            return res
         note = (
-            f"text {self.text_s:.3f} s + sum over S=1..{n} of step(S) = a + bS + cS^2, least squares on "
-            f"timed steps at S = {points} ({', '.join(f'{t:.3g}' for t in step_times)} s, medians of {self.args.runs})"
+            f"text {self.text_t.wall:.3f} s + sum over S=1..{n} of step(S) = a + bS + cS^2, least squares on "
+            f"timed steps at S = {points} ({', '.join(f'{t.wall:.3g}' for t in steps)} s, medians of {self.args.runs})"
         )
-        return self.result("ar", predicted, "extrapolated", mb, step_times, note)
+        return self.result("ar", predicted, "extrapolated", mb, [t.__dict__ for t in steps], note)
 
 
 def fit_quadratic(xs, ys) -> tuple[float, float, float]:
@@ -324,25 +369,26 @@ def fit_quadratic(xs, ys) -> tuple[float, float, float]:
 # Reporting
 # ----------------------------------------------------------------------------------------
 
-HEADER = f"{'loop':<16} {'batch':>5} {'s/batch':>9} {'s/image':>9} {'GFLOP/img':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak MB':>8}  how"
+HEADER = (f"{'loop':<16} {'batch':>5} {'s/batch':>9} {'s/image':>9} {'CPU s':>9} {'GFLOP/img':>10} {'GFLOP/s':>8} "
+          f"{'MFU':>6} {'MFU-CPU':>7} {'peak MB':>8}  how")
 
 
 def format_row(r: Result) -> str:
     gflops = r.flops_per_image * r.batch / r.seconds / 1e9
     how = "measured" if r.status == "measured" else "extrapolated*"
     return (
-        f"{LOOP_TITLES[r.loop]:<16} {r.batch:>5} {r.seconds:>9.3f} {r.seconds / r.batch:>9.4f} "
-        f"{r.flops_per_image / 1e9:>10.2f} {gflops:>8.1f} {r.mfu:>6.1%} {r.peak_memory_mb:>8.0f}  {how}"
+        f"{LOOP_TITLES[r.loop]:<16} {r.batch:>5} {r.seconds:>9.3f} {r.seconds / r.batch:>9.4f} {r.cpu_seconds:>9.3f} "
+        f"{r.flops_per_image / 1e9:>10.2f} {gflops:>8.1f} {r.mfu:>6.1%} {r.mfu_cpu:>7.1%} {r.peak_memory_mb:>8.0f}  {how}"
     )
 
 
-def speedups(results: list[Result]) -> dict:
-    """Latency of each AR loop divided by that of #3 with T=16, per batch size."""
+def speedups(results: list[Result], attr: str = "seconds") -> dict:
+    """Latency of each AR loop (and of one pass) divided by that of #3 with T=16, per batch size."""
     out = {}
     for batch in sorted({r.batch for r in results}):
         by = {r.loop: r for r in results if r.batch == batch}
         if "t16" in by:
-            out[str(batch)] = {k: by[k].seconds / by["t16"].seconds for k in ("ar-kv", "ar", "full") if k in by}
+            out[str(batch)] = {k: getattr(by[k], attr) / getattr(by["t16"], attr) for k in ("ar-kv", "ar", "full") if k in by}
     return out
 
 
@@ -412,18 +458,20 @@ def main(argv=None) -> int:
           f"{config.layers} decoder layers of width {config.width}, codebook {config.codebook_size}")
     print(f"{machine}; torch {torch.__version__}; {args.threads} threads; {args.dtype}; runs = {args.runs} (median)")
     print(HEADER, flush=True)
-    results, peaks = [], []
+    results = []
     for batch in args.batch:
         bench = Bench(model, batch, device, dtype, args)
         results += bench.run(args.loops)
-    peaks = [r.peak_flops for r in results]
+    peaks, cpu_peaks = [r.peak_flops for r in results], [r.peak_cpu_flops for r in results]
     print(f"matrix-multiply peak ({args.dtype}, measured before each loop): median {statistics.median(peaks) / 1e9:.1f} "
-          f"GFLOP/s, range {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f}")
+          f"GFLOP/s, range {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f}; per CPU second: median "
+          f"{statistics.median(cpu_peaks) / 1e9:.1f}, range {min(cpu_peaks) / 1e9:.1f}-{max(cpu_peaks) / 1e9:.1f}")
     if any(r.status == "extrapolated" for r in results):
         print("* extrapolated (see the JSON notes): NAR = text + T x round; uncached AR = quadratic fit of timed steps")
-    ups = speedups(results)
+    ups, cpu_ups = speedups(results), speedups(results, "cpu_seconds")
     for batch, u in ups.items():
-        print(f"batch {batch}: #3 (T=16) is " + ", ".join(f"{v:.2f}x faster than {LOOP_TITLES[k]}" for k, v in u.items() if k != "full"))
+        print(f"batch {batch}: speed-up of #3 (T=16), wall clock (CPU time): " + ", ".join(
+            f"{v:.2f}x ({cpu_ups[batch][k]:.2f}x) over {LOOP_TITLES[k]}" for k, v in u.items() if k != "full"))
     path = args.json or ROOT / "benchmarks" / "results" / f"latency_{args.preset}_{device.type}_{args.dtype}.json"
     write_json(path, {
         "preset": args.preset,
@@ -438,8 +486,10 @@ def main(argv=None) -> int:
         "runs": args.runs,
         "text_length": config.text.context_length,
         "matmul_peak_flops": {"median": statistics.median(peaks), "min": min(peaks), "max": max(peaks)},
+        "matmul_peak_flops_per_cpu_second": {"median": statistics.median(cpu_peaks), "min": min(cpu_peaks), "max": max(cpu_peaks)},
         "results": [r.to_dict() for r in results],
         "speedup_of_t16": ups,
+        "speedup_of_t16_cpu_time": cpu_ups,
     })
     print(f"wrote {path}")
     return 0
