@@ -474,6 +474,10 @@ def read_config(folder: Path) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise ExportError(f"{path} was not written by export_onnx.py (format {meta.get('format')!r})")
+    missing = sorted({"graphs", "config", "vqgan_config", "tokenizer"} - set(meta))
+    if missing or set(meta["graphs"]) != set(GRAPHS):
+        raise ExportError(f"{path} lacks {missing or 'graphs'}: it was written by another version of "
+                          "export_onnx.py; export again")
     for file in meta["graphs"].values():
         if not (folder / file).is_file():
             raise ExportError(f"{folder / file} is missing; export again with export_onnx.py")

@@ -7,8 +7,9 @@ encoder -> T rounds of mask-predict -> VQGAN decoder -> images runs through
 graphs on ONNX Runtime). A batch is `num_images` candidates of one caption (the paper draws
 16 per caption). The two backends alternate run by run, so a shared machine slows both
 alike; a time is the median of --repeats runs after one warm-up (a one-round pass through
-every graph at the same shapes). Each run also checks that both backends commit the same
-tokens (same seed, same noise).
+every graph at the same shapes). Each run also counts the tokens both backends commit
+alike (same seed, same noise): all of them unless a sample falls within float rounding of
+a CDF boundary, which random weights over 8192 codes make common (see export_onnx.py).
 
     python benchmarks/onnx_vs_torch.py                                    # shapes, batch 1 and 16
     python benchmarks/onnx_vs_torch.py --presets paper --batches 1        # ~25 min on 2 CPU cores
@@ -22,6 +23,7 @@ for random weights). The graphs are exported into --work-dir (reused when alread
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -52,12 +54,17 @@ PROMPT = "a small red circle to the left of a large blue square"
 
 def build(preset: str, work_dir: Path, device: str, threads: int, log):
     """(torch pipeline, ONNX pipeline, export seconds or None when reused) for one preset."""
-    emage_config, vqgan_config = (make() for make in PRESETS[preset])
+    make_emage, make_vqgan = PRESETS[preset]
+    vqgan_config = make_vqgan()
+    emage_config = dataclasses.replace(make_emage(), codebook_size=vqgan_config.n_embed)  # one codebook
     torch.manual_seed(0)  # random weights, the same in every run (so an export can be reused)
     model = emage.Emage(emage_config, variant=3).eval()
     decoder = vqgan.VQGAN(vqgan_config).eval()
     folder = work_dir / preset
-    meta = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    try:
+        meta = export_onnx.read_config(folder)
+    except export_onnx.ExportError:
+        meta = {}
     export_s = None
     if meta.get("config") != emage_config.to_dict() or meta.get("extra") != {"benchmark": preset}:
         started = time.perf_counter()
@@ -88,25 +95,25 @@ def measure(torch_pipe, onnx_pipe, batch: int, steps: int, repeats: int) -> dict
     for pipe in (torch_pipe, onnx_pipe):  # warm-up: every graph and allocation at these shapes
         run_once(pipe, batch, 1)
     times = {"torch": [], "onnx": []}
-    same = True
+    equal = 1.0
     for _ in range(repeats):
         t_torch, tokens_torch = run_once(torch_pipe, batch, steps)
         t_onnx, tokens_onnx = run_once(onnx_pipe, batch, steps)
         times["torch"].append(t_torch)
         times["onnx"].append(t_onnx)
-        same &= torch.equal(tokens_torch.cpu(), tokens_onnx.cpu())
+        equal = min(equal, float((tokens_torch.cpu() == tokens_onnx.cpu()).float().mean()))
     torch_s, onnx_s = statistics.median(times["torch"]), statistics.median(times["onnx"])
     return {"batch": batch, "torch_s": torch_s, "onnx_s": onnx_s, "ratio": onnx_s / torch_s,
             "torch_s_per_image": torch_s / batch, "onnx_s_per_image": onnx_s / batch,
-            "same_tokens": same, "runs": times}
+            "tokens_equal": equal, "runs": times}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| preset | batch | PyTorch eager (s) | ONNX Runtime (s) | ONNX / PyTorch | s per image (ORT) | same tokens |",
+    lines = ["| preset | batch | PyTorch eager (s) | ONNX Runtime (s) | ONNX / PyTorch | s per image (ORT) | tokens equal |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['preset']} | {r['batch']} | {r['torch_s']:.3f} | {r['onnx_s']:.3f} | {r['ratio']:.2f}x | "
-                     f"{r['onnx_s_per_image']:.3f} | {'yes' if r['same_tokens'] else 'no'} |")
+                     f"{r['onnx_s_per_image']:.3f} | {100 * r['tokens_equal']:.1f} % |")
     return "\n".join(lines)
 
 
