@@ -15,10 +15,19 @@ Four graphs, each with a dynamic batch axis, exported by the TorchScript-based
 
 Random numbers never live inside a graph: the uniform noise of each round is an input
 drawn on the host from one torch.Generator in the order `emage.generate` draws it, so
-for the same caption and seed `OnnxPipeline` commits the same tokens as `sample.Pipeline`.
-After writing the graphs the command checks each against PyTorch on random inputs
-(max abs difference <= 1e-4 in fp32, identical tokens) and fails loudly otherwise;
-config.json, written last, records the opset, the exporter and the measured differences.
+for the same caption and seed `OnnxPipeline` commits the same tokens as `sample.Pipeline`,
+except where a sample lies within float rounding (~1e-6) of a boundary of the CDF: the
+two runtimes multiply matrices with different kernels. On the shapes demo 9 of 10
+evaluation captions (2 images each) give identical tokens, the 10th differs in 1 of 128
+tokens, in the last round; with random weights over 8192 codes ~0.2 % of the samples of a
+round sit that close to a boundary (tests/test_export_onnx.py checks that every
+difference starts with such a sample).
+
+After writing the graphs the command checks each against PyTorch on random inputs and
+fails loudly otherwise: max abs difference <= 1e-4 in fp32, and every discrete decision
+(sampled token, committed position) equal unless it is within 1e-4 of a tie
+(`check_round`). config.json, written last, records the opset, the exporter and the
+measured differences.
 """
 from __future__ import annotations
 
@@ -292,7 +301,12 @@ def make_session(path: Path, device: tuple[str, int], threads: int = 0):
         providers = [("CUDAExecutionProvider", {"device_id": device[1], "use_tf32": 0}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.Fail) as error:
+        raise ExportError(f"{path} is not a readable ONNX graph ({str(error).splitlines()[0][:120]}); "
+                          "export again with export_onnx.py") from None
     if device[0] == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise ExportError("ONNX Runtime could not start its CUDA provider (see its log above); use --device cpu")
     return session
@@ -471,9 +485,12 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{folder} holds no exported graphs (no config.json); run "
                           f"python export_onnx.py --checkpoint DIR --out {folder}")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{path} was not written by export_onnx.py (format {meta.get('format')!r})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path} is not valid JSON ({error}); export again with export_onnx.py") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ExportError(f"{path} was not written by export_onnx.py; export again with export_onnx.py")
     missing = sorted({"graphs", "config", "vqgan_config", "tokenizer"} - set(meta))
     if missing or set(meta["graphs"]) != set(GRAPHS):
         raise ExportError(f"{path} lacks {missing or 'graphs'}: it was written by another version of "

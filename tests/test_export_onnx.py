@@ -187,6 +187,16 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(export_onnx.ExportError, match="no config.json"):
         export_onnx.OnnxPipeline.load(tmp_path)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in ["config.json", *export_onnx.GRAPHS.values()]:
+        (damaged / file).write_bytes((exported[0] / file).read_bytes())
+    (damaged / "round.onnx").write_bytes(b"not a graph")
+    with pytest.raises(export_onnx.ExportError, match="round.onnx is not a readable ONNX graph"):
+        export_onnx.OnnxPipeline.load(damaged)
+    (damaged / "config.json").write_text("{")
+    with pytest.raises(export_onnx.ExportError, match="not valid JSON"):
+        export_onnx.OnnxPipeline.load(damaged)
     with pytest.raises(export_onnx.ExportError, match="unknown device"):
         export_onnx.ort_device("tpu")
     with pytest.raises(emage.EmageError, match="backend torch"):
