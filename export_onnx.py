@@ -237,6 +237,9 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
             # Tracing warns about shape checks and tuple unpacking it freezes; the frozen values are
             # sizes fixed by the config (heads, 3 in q/k/v), and check_graphs runs at another batch.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The TorchScript-based exporter is chosen on purpose (see EXPORTER); its deprecation
+            # notice would repeat once per graph.
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
             torch.onnx.export(module, args, tmp, dynamo=False, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
         os.replace(tmp, path)
