@@ -12,7 +12,7 @@ alike (same seed, same noise): all of them unless a sample falls within float ro
 a CDF boundary, which random weights over 8192 codes make common (see export_onnx.py).
 
     python benchmarks/onnx_vs_torch.py                                    # shapes, batch 1 and 16
-    python benchmarks/onnx_vs_torch.py --presets paper --batches 1        # ~25 min on 2 CPU cores
+    python benchmarks/onnx_vs_torch.py --presets paper --batches 1        # ~15 min on 2 shared CPU cores
     python benchmarks/onnx_vs_torch.py --presets paper --device cuda      # on a GPU machine
 
 Presets: "shapes" = EmageConfig.shapes() + VQGANConfig.shapes() (64x64 images, 8x8 tokens);
