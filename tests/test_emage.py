@@ -225,11 +225,21 @@ def test_variant3_algorithm2_and_loss_covers_all_positions():
     loss = model.loss(text, y, 3, generator=torch.Generator().manual_seed(5))
     mask1, mask2 = masks_from_seed(5, 4, 2)
     assert torch.equal(rec.inputs[0], torch.where(mask1, M, y))  # line 5: Y_mask
-    y_pred = rec.logits[0].argmax(-1)  # line 6: Y_pred at every position
+    y_pred = torch.where(mask1, rec.logits[0].argmax(-1), y)  # line 6, keeping the tokens pass 1 was shown
     assert torch.equal(rec.inputs[1], torch.where(mask2, M, y_pred))  # line 7: Y_obs
     loss.backward()
     assert torch.all(rec.logits[1].grad.abs().sum(-1) > 0)  # line 9: loss on all positions
     assert torch.allclose(loss, F.cross_entropy(rec.logits[1].flatten(0, 1), y.flatten()))
+
+
+def test_variant3_literal_line6_overwrites_every_position():
+    model, text, y = tiny_model(pass1_keep_seen=False), captions(4), images(4)
+    rec = Recorder(model)
+    model.loss(text, y, 3, generator=torch.Generator().manual_seed(5))
+    mask1, mask2 = masks_from_seed(5, 4, 2)
+    y_pred = rec.logits[0].argmax(-1)  # Y_pred at every position, shown ones included
+    assert not torch.equal(y_pred[~mask1], y[~mask1])  # a random model does not copy its input
+    assert torch.equal(rec.inputs[1], torch.where(mask2, M, y_pred))
 
 
 def test_variant3_sampled_pass1_with_gradient():

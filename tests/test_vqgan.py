@@ -109,6 +109,24 @@ def test_restart_dead_codes_moves_only_dead_codes_onto_encodings():
         assert (encodings == row).all(1).any()
 
 
+def test_patch_encoder_token_depends_on_its_own_patch_only():
+    torch.manual_seed(5)
+    model = vqgan.VQGAN(tiny_config(encoder="patch")).eval()
+    f = model.config.downsample_factor
+    images = torch.full((1, 3, 4 * f, 4 * f), -1.0)  # black
+    changed = images.clone()
+    changed[:, :, f:2 * f, 2 * f:3 * f] = torch.rand(3, f, f) * 2 - 1  # new pixels in patch (1, 2) only
+    with torch.no_grad():
+        before, after = model.pre_quant(images), model.pre_quant(changed)
+    moved = (before - after).abs().amax(1)[0] > 0  # (4, 4) which encodings changed
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1, 2] = True
+    assert torch.equal(moved, expected)
+    assert model.encode(images).unique().numel() == 1  # every black patch is one token
+    with pytest.raises(vqgan.VQGANError, match="encoder"):
+        tiny_config(encoder="conv")
+
+
 def test_gumbel_quantizer_tokens_are_deterministic_argmax():
     torch.manual_seed(4)
     quantizer = vqgan.GumbelQuantizer(in_channels=5, n_embed=20, embed_dim=3, kl_weight=1e-3)
@@ -251,3 +269,17 @@ def test_train_writes_checkpoint_samples_and_resumes(tmp_path, capsys):
     assert meta["metrics"]["codes_used"] <= 16
     assert any(not torch.equal(v, first[k]) for k, v in vqgan.load_vqgan(out).state_dict().items())
     assert "reconstructions passing shapes.score" in capsys.readouterr().out
+
+
+def test_committed_shapes_tokenizer_reconstructs_eval_images():
+    """The committed tokenizer: 8x8 tokens, <= 10 MB, and reconstructions that still pass shapes.score."""
+    import shapes
+    assert (SHAPES_CKPT / "model.safetensors").stat().st_size <= 10e6
+    model = vqgan.load_vqgan(SHAPES_CKPT)
+    assert model.grid_size(64) == (8, 8)
+    captions = shapes.eval_captions()[::5]  # 48 captions, seen and novel
+    images = np.stack([np.asarray(shapes.render(c, 1)) for c in captions])
+    with torch.no_grad():
+        reconstructions = vqgan.to_uint8(model.decode(model.encode(vqgan.to_tensor(images))))
+    passed = sum(shapes.score(r, c) for r, c in zip(reconstructions, captions))
+    assert passed >= 0.95 * len(captions)
