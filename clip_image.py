@@ -271,16 +271,7 @@ def hf_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
         for part in ("weight", "bias"):
             out[f"{ours}.{part}"] = take(f"{v}{theirs}.{part}")
-    layers = len({k.split(".")[3] for k in state if k.startswith(v + "encoder.layers.")})
-    for i in range(layers):
-        src, dst = f"{v}encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for part in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{part}"] = torch.cat([take(src + f"self_attn.{p}_proj.{part}") for p in "qkv"])
-            out[dst + f"attn.out_proj.{part}"] = take(src + f"self_attn.out_proj.{part}")
-            out[dst + f"ln_1.{part}"] = take(src + f"layer_norm1.{part}")
-            out[dst + f"ln_2.{part}"] = take(src + f"layer_norm2.{part}")
-            out[dst + f"mlp.c_fc.{part}"] = take(src + f"mlp.fc1.{part}")
-            out[dst + f"mlp.c_proj.{part}"] = take(src + f"mlp.fc2.{part}")
+    out.update(clip_text.hf_encoder_layers(state, v, take))
     if "visual_projection.weight" in state:
         out["proj"] = take("visual_projection.weight").t()  # (P, D) -> (D, P)
     else:
@@ -358,7 +349,7 @@ def load_clip_image(path: str | os.PathLike, *, trust_torchscript: bool = False)
     dir or weights file, or an OpenAI state dict or TorchScript archive (`trust_torchscript`)."""
     path = Path(path)
     weights_path, config_path = _locate(path)
-    state = clip_text._read_tensors(weights_path, trust_torchscript)
+    state = clip_text.read_tensors(weights_path, trust_torchscript)
     meta = json.loads(config_path.read_text()) if config_path is not None else {}
     if meta.get("format") == VISION_FORMAT:
         return _build(state, VisionConfig(**meta["config"]), path)
@@ -375,7 +366,7 @@ def load_clip(path: str | os.PathLike, *, bpe: str | os.PathLike | None = None,
     vocabulary, found as clip_text.Tokenizer() finds it)."""
     path = Path(path)
     weights_path, config_path = _locate(path)
-    state = clip_text._read_tensors(weights_path, trust_torchscript)
+    state = clip_text.read_tensors(weights_path, trust_torchscript)
     meta = json.loads(config_path.read_text()) if config_path is not None else {}
     if meta.get("format") == CLIP_FORMAT:
         with torch.device("meta"):

@@ -458,7 +458,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _read_tensors(path: Path, trust_torchscript: bool) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, trust_torchscript: bool) -> dict[str, torch.Tensor]:
     """The tensors of one weights file, never unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -527,16 +527,7 @@ def hf_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "ln_final.weight": state[t + "final_layer_norm.weight"],
         "ln_final.bias": take(t + "final_layer_norm.bias"),
     }
-    layers = len({k.split(".")[3] for k in state if k.startswith(t + "encoder.layers.")})
-    for i in range(layers):
-        src, dst = f"{t}encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for part in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{part}"] = torch.cat([take(src + f"self_attn.{p}_proj.{part}") for p in "qkv"])
-            out[dst + f"attn.out_proj.{part}"] = take(src + f"self_attn.out_proj.{part}")
-            out[dst + f"ln_1.{part}"] = take(src + f"layer_norm1.{part}")
-            out[dst + f"ln_2.{part}"] = take(src + f"layer_norm2.{part}")
-            out[dst + f"mlp.c_fc.{part}"] = take(src + f"mlp.fc1.{part}")
-            out[dst + f"mlp.c_proj.{part}"] = take(src + f"mlp.fc2.{part}")
+    out.update(hf_encoder_layers(state, t, take))
     if "text_projection.weight" in state:
         out["text_projection"] = take("text_projection.weight").t()  # (P, D) -> (D, P)
     else:
@@ -544,6 +535,26 @@ def hf_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     unused = sorted(set(state) - used)
     if unused:
         raise ClipTextError(f"{len(unused)} Hugging Face keys have no place in the text tower, e.g. {unused[:3]}")
+    return out
+
+
+def hf_encoder_layers(state: dict, prefix: str, take) -> dict[str, torch.Tensor]:
+    """The Transformer layers of a Hugging Face CLIP tower (`prefix` "text_model." or
+    "vision_model.") under OpenAI's names; `take(key)` fetches a tensor and marks it used.
+
+    q, k and v are separate Linear layers there and one fused `in_proj` here, stacked in that order.
+    """
+    out = {}
+    layers = len({k.split(".")[3] for k in state if k.startswith(prefix + "encoder.layers.")})
+    for i in range(layers):
+        src, dst = f"{prefix}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{part}"] = torch.cat([take(src + f"self_attn.{p}_proj.{part}") for p in "qkv"])
+            out[dst + f"attn.out_proj.{part}"] = take(src + f"self_attn.out_proj.{part}")
+            out[dst + f"ln_1.{part}"] = take(src + f"layer_norm1.{part}")
+            out[dst + f"ln_2.{part}"] = take(src + f"layer_norm2.{part}")
+            out[dst + f"mlp.c_fc.{part}"] = take(src + f"mlp.fc1.{part}")
+            out[dst + f"mlp.c_proj.{part}"] = take(src + f"mlp.fc2.{part}")
     return out
 
 
@@ -595,7 +606,7 @@ def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) 
         config_path = path.with_name("config.json") if path.with_name("config.json").is_file() else None
     else:
         raise ClipTextError(f"checkpoint {path} does not exist")
-    state = _read_tensors(weights_path, trust_torchscript)
+    state = read_tensors(weights_path, trust_torchscript)
     native_config = None
     if config_path is not None:
         meta = json.loads(config_path.read_text())

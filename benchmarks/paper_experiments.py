@@ -88,7 +88,8 @@ def report(name: str, rows: list[dict], columns: list[str], command: str) -> Non
 
 
 def common_training(args) -> list[str]:
-    return ["--batch-size", str(args.batch_size), "--eval-every", str(args.steps)] + \
+    lr = ["--lr", str(args.lr)] if args.lr is not None else []
+    return ["--batch-size", str(args.batch_size), "--eval-every", str(args.steps), *lr] + \
         [x for kv in args.set for x in ("--set", kv)]
 
 
@@ -111,7 +112,9 @@ def schedules(args) -> list[dict]:
     rows = []
     for train_schedule in ("linear", "cosine"):
         extra = common_training(args) + ["--set", f"train_schedule={train_schedule}"]
-        checkpoint = train_run(args.runs / f"schedule-{train_schedule}", "3", args.steps, extra, args.threads)
+        # Linear is the default schedule: the #3 run of Table 3 is the same command, so it is reused.
+        name = "table3-v3" if train_schedule == "linear" else f"schedule-{train_schedule}"
+        checkpoint = train_run(args.runs / name, "3", args.steps, extra, args.threads)
         for inference in ("linear", "cosine"):
             rows.append({"train": train_schedule, "inference": inference,
                          **evaluate(checkpoint, args.seeds, steps=args.eval_steps, schedule=inference)})
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper", help="where training runs are kept")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of every model of a table")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch of every model of a table")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every model (default: train.py's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="EmageConfig override passed to train.py for every model")
     parser.add_argument("--eval-steps", type=int, default=16, help="rounds T when evaluating iterative models")
