@@ -339,7 +339,8 @@ class Bench:
         steps, mb = [], 0.0
         for S in points:
             step = self.uncached_step(S)
-            step()  # warm-up at this length
+            if S == points[0]:
+                step()  # warm-up (the medians absorb a slow first call at a later length)
             times, peak = self.measure(step, self.args.runs)
             steps.append(Timing.median(times))
             mb = max(mb, peak)
@@ -426,7 +427,21 @@ def parse_args(argv=None):
     p.add_argument("--peak-size", type=int, default=None, help="side of the square matmul that measures the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (NAR loops only pay off)")
     p.add_argument("--json", type=Path, default=None, help="output file (default benchmarks/results/latency_<preset>_<device>_<dtype>.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing, print torch.profiler's operator table for one #3 T=16 call at the first batch size")
     return p.parse_args(argv)
+
+
+def profile(bench: Bench, rows: int = 12) -> None:
+    """Where one #3 T=16 call spends its time, by operator (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    run = bench.generate("t16")
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+    key = "cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
 def main(argv=None) -> int:
@@ -457,6 +472,9 @@ def main(argv=None) -> int:
     print(f"Emage preset {args.preset}: {params / 1e6:.1f}M parameters, n = {config.n} image tokens, "
           f"{config.layers} decoder layers of width {config.width}, codebook {config.codebook_size}")
     print(f"{machine}; torch {torch.__version__}; {args.threads} threads; {args.dtype}; runs = {args.runs} (median)")
+    if args.profile:
+        profile(Bench(model, args.batch[0], device, dtype, args))
+        return 0
     print(HEADER, flush=True)
     results = []
     for batch in args.batch:

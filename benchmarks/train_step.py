@@ -5,7 +5,8 @@ clipping at 4.0 and an AdamW update with the paper's hyper-parameters (Section 4
 script times the median of --steps steps after --warmup steps, on random weights and
 random tokens (the cost does not depend on their values), for the model sizes of
 benchmarks/latency.py, and compares the analytic training FLOPs with the matrix-multiply
-peak measured in the same process right before (and after) each variant.
+peak measured in the same process right before and after each variant (their mean), per
+wall-clock second and per CPU second (MFU-CPU: see benchmarks/latency.py).
 
 This is the model's step alone, at the three sizes of the latency table and for several
 variants at once (what pass 1 of #2 / #3 costs on top of #1); benchmarks/train_speed.py
@@ -19,9 +20,7 @@ gradients plus 1x the forward of the no-grad pass 1 of #2 and #3, matrix product
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,13 +33,14 @@ from benchmarks.latency import (  # noqa: E402
     DTYPES,
     PRESETS,
     BenchmarkError,
+    Timing,
     machine_description,
-    matmul_peak,
+    matmul_rates,
     peak_memory,
     preset_config,
     reset_peak_memory,
-    synchronize,
     text_tokens,
+    time_call,
     write_json,
 )
 from benchmarks.train_speed import train_flops  # noqa: E402
@@ -49,8 +49,8 @@ from emage import Emage, EmageError, parse_variant  # noqa: E402
 DEFAULT_BATCH = {"shapes": 64, "mid": 8, "paper": 2}  # what fits a 2-core CPU in seconds per step
 
 
-def time_steps(model: Emage, variant, text, images, args, device) -> tuple[list[float], float]:
-    """Times of --steps optimizer steps after --warmup, and the peak memory (MB) over them."""
+def time_steps(model: Emage, variant, text, images, args, device) -> tuple[list, float]:
+    """(wall, CPU) seconds of --steps optimizer steps after --warmup, and the peak memory (MB) over them."""
     opt = torch.optim.AdamW(model.parameters(), lr=4.5e-4, betas=(0.9, 0.96), weight_decay=4.5e-2)
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -64,15 +64,8 @@ def time_steps(model: Emage, variant, text, images, args, device) -> tuple[list[
     for _ in range(args.warmup):
         step()
     base = reset_peak_memory(device)
-    times = []
-    for _ in range(args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [time_call(step, device) for _ in range(args.steps)]
     peak = peak_memory(device)
-    del opt
     return times, max(peak, base) / 2**20
 
 
@@ -117,30 +110,36 @@ def main(argv=None) -> int:
     machine = machine_description(device)
     print(f"Emage preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"n = {config.n}, batch {batch}; {machine}; torch {torch.__version__}; {args.threads} threads; {args.dtype}")
-    print(f"{'variant':>7} {'s/step':>8} {'tokens/s':>9} {'captions/s':>10} {'TFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak MB':>8}")
+    print(f"{'variant':>7} {'s/step':>8} {'CPU s':>8} {'tokens/s':>9} {'captions/s':>10} {'TFLOP/step':>10} {'GFLOP/s':>8} "
+          f"{'MFU':>6} {'MFU-CPU':>7} {'peak MB':>8}")
     rows = []
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for variant in variants:
-        peak_before = matmul_peak(device, dtype, size=args.peak_size)
+        before = matmul_rates(device, dtype, size=args.peak_size)
         with autocast:
             times, mb = time_steps(model, variant, text, images, args, device)
-        peak = (peak_before + matmul_peak(device, dtype, size=args.peak_size)) / 2
-        seconds = statistics.median(times)
+        after = matmul_rates(device, dtype, size=args.peak_size)
+        peak, cpu_peak = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2  # the load may change during the steps
+        t = Timing.median(times)
+        cpu = t.cpu if device.type == "cpu" else float("nan")  # host time says nothing of a GPU's work
         flops = train_flops(config, variant, L) * batch
         row = {
             "variant": variant,
-            "seconds_per_step": seconds,
+            "seconds_per_step": t.wall,
+            "cpu_seconds_per_step": cpu,
             "steps": times,
-            "image_tokens_per_s": batch * config.n / seconds,
-            "captions_per_s": batch / seconds,
+            "image_tokens_per_s": batch * config.n / t.wall,
+            "captions_per_s": batch / t.wall,
             "train_flops_per_step": flops,
             "matmul_peak_flops": peak,
-            "mfu": flops / seconds / peak,
+            "matmul_peak_flops_per_cpu_second": cpu_peak,
+            "mfu": flops / t.wall / peak,
+            "mfu_cpu": flops / cpu / cpu_peak,
             "peak_memory_mb": mb,
         }
         rows.append(row)
-        print(f"{str(variant):>7} {seconds:>8.3f} {row['image_tokens_per_s']:>9.0f} {row['captions_per_s']:>10.2f} "
-              f"{flops / 1e12:>10.3f} {flops / seconds / 1e9:>8.1f} {row['mfu']:>6.1%} {mb:>8.0f}", flush=True)
+        print(f"{str(variant):>7} {t.wall:>8.3f} {cpu:>8.3f} {row['image_tokens_per_s']:>9.0f} {row['captions_per_s']:>10.2f} "
+              f"{flops / 1e12:>10.3f} {flops / t.wall / 1e9:>8.1f} {row['mfu']:>6.1%} {row['mfu_cpu']:>7.1%} {mb:>8.0f}", flush=True)
     path = args.json or ROOT / "benchmarks" / "results" / f"train_step_{args.preset}_{device.type}_{args.dtype}.json"
     write_json(path, {
         "preset": args.preset,
