@@ -106,15 +106,15 @@ class VQGANConfig:
     def shapes(cls) -> "VQGANConfig":
         """The shapes-world tokenizer: 64x64 -> 8x8 tokens, decoding to the world's palette (SHAPES.md).
 
-        Narrow (8 channels at full resolution) so the decoder, which also runs at sampling
-        time, stays fast on a CPU; one GroupNorm group, because per-channel groups would
-        normalise the colour of a lone object away.
+        A patch encoder (every black patch is one token, see PatchEncoder) and a narrow decoder
+        (8 channels at full resolution) that stays fast on a CPU at sampling time; one
+        GroupNorm group, because per-channel groups would normalise a lone object's colour away.
         """
         import shapes
         palette = ((0, 0, 0),) + tuple(shapes.COLORS.values())  # background first
         return cls(resolution=64, out_channels=len(palette), ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
-                   attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=1024, quantizer="vector",
-                   norm_groups=1, palette=palette)
+                   attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=256, quantizer="vector",
+                   norm_groups=1, palette=palette, encoder="patch")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VQGANConfig":
@@ -900,7 +900,7 @@ def main(argv=None) -> int:
     tr = sub.add_parser("train", help="train the shapes-world VQGAN", formatter_class=formatter)
     tr.add_argument("--out", default="checkpoints/shapes/vqgan", help="run directory: checkpoint, samples/, train state")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint and train state in --out")
-    tr.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    tr.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     tr.add_argument("--batch-size", type=int, default=16, help="images per step")
     tr.add_argument("--lr", type=float, default=4e-3, help="peak Adam learning rate")
     tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")

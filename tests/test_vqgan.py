@@ -271,15 +271,21 @@ def test_train_writes_checkpoint_samples_and_resumes(tmp_path, capsys):
     assert "reconstructions passing shapes.score" in capsys.readouterr().out
 
 
-def test_committed_shapes_tokenizer_reconstructs_eval_images():
-    """The committed tokenizer: 8x8 tokens, <= 10 MB, and reconstructions that still pass shapes.score."""
+@pytest.mark.parametrize("name, minimum", [("vqgan", 0.70), ("vqgan-1024", 0.95)])
+def test_committed_shapes_tokenizers_reconstruct_eval_images(name, minimum):
+    """The committed tokenizers: 8x8 patch tokens, <= 10 MB, reconstructions that still pass
+    shapes.score (README: 99.38 % for vqgan-1024; the demo's coarser one trades some for a
+    generator that learns within the CPU budget)."""
     import shapes
-    assert (SHAPES_CKPT / "model.safetensors").stat().st_size <= 10e6
-    model = vqgan.load_vqgan(SHAPES_CKPT)
-    assert model.grid_size(64) == (8, 8)
+    folder = SHAPES_CKPT.parent / name
+    assert (folder / "model.safetensors").stat().st_size <= 10e6
+    model = vqgan.load_vqgan(folder)
+    assert model.grid_size(64) == (8, 8) and model.config.encoder == "patch"
     captions = shapes.eval_captions()[::5]  # 48 captions, seen and novel
     images = np.stack([np.asarray(shapes.render(c, 1)) for c in captions])
     with torch.no_grad():
-        reconstructions = vqgan.to_uint8(model.decode(model.encode(vqgan.to_tensor(images))))
+        tokens = model.encode(vqgan.to_tensor(images))
+        reconstructions = vqgan.to_uint8(model.decode(tokens))
     passed = sum(shapes.score(r, c) for r, c in zip(reconstructions, captions))
-    assert passed >= 0.95 * len(captions)
+    assert passed >= minimum * len(captions)
+    assert torch.mode(tokens.flatten()).values == model.encode(-torch.ones(1, 3, 64, 64)).flatten()[0]  # background
