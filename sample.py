@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "linear"),
                         help="inference masking schedule tau() (Section 4.7: cosine is better)")
     parser.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (0 = argmax)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--guidance", type=float, default=1.5,
+                        help="classifier-free guidance scale (1 = off); 1.5 was the best of the README's sweep on the shapes demo")
     parser.add_argument("--negative-prompt", help="caption to steer away from (used with --guidance > 1)")
     parser.add_argument("--algorithm", choices=("1", "3", "full", "ar"),
                         help="decoding algorithm (default: the one the checkpoint was trained for)")

@@ -2,7 +2,7 @@
 
     python benchmarks/figures.py            # docs/samples.png, docs/rounds.png, docs/edit.png
 
-samples.png: six prompts, seed 0, T = 16, each image over its caption and the scorer's
+samples.png: six prompts, seed 0, T = 16, sample.py's default guidance, each image over its caption and the scorer's
 verdict (SHAPES.md). rounds.png: the first prompt after each of the 16 rounds, as in the
 paper's Figure 5 (`sample.py --show-steps`). edit.png: input | mask | output of a region
 edit (`sample.py --init-image ... --region ... --show-edit`).
@@ -35,7 +35,8 @@ EDIT_REGION = "32,0,64,64"
 
 
 def samples(pipe: sample.Pipeline, out: Path, seed: int) -> None:
-    images = [pipe.decode(pipe.generate(p, seed=seed))[0] for p in PROMPTS]
+    guidance = sample.build_parser().get_default("guidance")  # what `python sample.py "prompt"` uses
+    images = [pipe.decode(pipe.generate(p, seed=seed, guidance_scale=guidance))[0] for p in PROMPTS]
     verdicts = ["pass" if shapes.score(im, p) else "fail" for im, p in zip(images, PROMPTS)]
     image_grid(images, [f"{p} [{v}]" for p, v in zip(PROMPTS, verdicts)], scale=3, cols=3).save(out)
     print(f"wrote {out}: {verdicts.count('pass')} of {len(PROMPTS)} pass the scorer")
