@@ -405,7 +405,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
     text = clip_text.TextConfig(vocab_size=tokenizer.vocab_size, context_length=24, width=32, heads=2, layers=1,
                                 embed_dim=32)
-    config = emage.EmageConfig(text=text, codebook_size=512, grid=(8, 8), width=32, layers=1, heads=2)
+    config = emage.EmageConfig(text=text, codebook_size=vqgan.VQGANConfig.shapes().n_embed, grid=(8, 8), width=32,
+                               layers=1, heads=2)
     emage.save_checkpoint(emage.Emage(config), root / "emage", variant=3, step=7,
                           tokenizer_path=clip_text.SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
     return root / "emage"
