@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import eval_fid
+import inception as inception_net  # the module; `inception` is a fixture below
 from eval_fid import FIDError, frechet_distance
 
 
@@ -27,7 +28,7 @@ def _random_inception_state(seed: int) -> dict:
     """Random weights that keep activations O(1) through all 94 conv layers (He init, BN near identity)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in eval_fid.InceptionV3().state_dict().items():
+    for key, value in inception_net.InceptionV3().state_dict().items():
         if key.endswith("num_batches_tracked"):
             state[key] = torch.tensor(7)
         elif key.endswith("conv.weight"):
@@ -57,7 +58,7 @@ def weights(tmp_path_factory, random_state) -> Path:
 
 @pytest.fixture(scope="module")
 def inception(weights):
-    return eval_fid.load_inception(weights)
+    return inception_net.load_inception(weights)
 
 
 def _torch_fidelity_module():
@@ -102,19 +103,19 @@ def test_features_match_torch_fidelity(weights, inception):
 
 def test_299_input_is_not_resized():
     images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8).float()
-    assert torch.equal(eval_fid.resize_bilinear_tf1(images, 299), images)
+    assert torch.equal(inception_net.resize_bilinear_tf1(images, 299), images)
 
 
 def test_resize_is_tensorflow1_bilinear():
     """TF1 maps output i to source i * in/out with no half-pixel offset: [a, b] -> [a, (a+b)/2, b, b]."""
     x = torch.tensor([[0.0, 8.0], [16.0, 24.0]])[None, None]  # (1, 1, 2, 2)
-    y = eval_fid.resize_bilinear_tf1(x, 4)[0, 0]
+    y = inception_net.resize_bilinear_tf1(x, 4)[0, 0]
     expected = torch.tensor([[0.0, 4.0, 8.0, 8.0], [8.0, 12.0, 16.0, 16.0],
                              [16.0, 20.0, 24.0, 24.0], [16.0, 20.0, 24.0, 24.0]])
     assert torch.equal(y, expected)
     half_pixel = torch.nn.functional.interpolate(x, size=4, mode="bilinear", align_corners=False)[0, 0]
     assert not torch.equal(half_pixel, expected)  # the deviation the Patch: comment is about
-    downsampled = eval_fid.resize_bilinear_tf1(torch.arange(6.0)[None, None, None].expand(1, 1, 6, 6), 3)
+    downsampled = inception_net.resize_bilinear_tf1(torch.arange(6.0)[None, None, None].expand(1, 1, 6, 6), 3)
     assert torch.equal(downsampled[0, 0, 0], torch.tensor([0.0, 2.0, 4.0]))  # every second column, no averaging
 
 
@@ -125,11 +126,11 @@ def test_resize_is_tensorflow1_bilinear():
 def test_load_without_counters_and_hash(tmp_path, random_state, inception):
     path = tmp_path / "no_counters.pth"
     torch.save({k: v for k, v in random_state.items() if not k.endswith("num_batches_tracked")}, path)
-    model = eval_fid.load_inception(path)
+    model = inception_net.load_inception(path)
     for key, value in inception.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(model.state_dict()[key], value), key
-    assert model.sha256 == eval_fid.sha256_file(path) and len(model.sha256) == 64
+    assert model.sha256 == inception_net.sha256_file(path) and len(model.sha256) == 64
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
@@ -138,10 +139,10 @@ def test_published_name_with_wrong_bytes_is_refused(tmp_path):
         path = tmp_path / name
         path.write_bytes(b"not the weights")
         with pytest.raises(FIDError, match="SHA-256"):
-            eval_fid.load_inception(path)
+            inception_net.load_inception(path)
     with pytest.raises(FIDError, match="cannot read"):  # the hash check can be waived; the content still is checked
-        eval_fid.load_inception(path, check_hash=False)
-    assert eval_fid.KNOWN_SHA256["pt_inception-2015-12-05-6726825d.pth"].startswith("6726825d")
+        inception_net.load_inception(path, check_hash=False)
+    assert inception_net.KNOWN_SHA256["pt_inception-2015-12-05-6726825d.pth"].startswith("6726825d")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -153,7 +154,7 @@ def test_foreign_state_dicts_are_named(random_state, inception, change, message)
     state = dict(random_state)
     change(state)
     with pytest.raises(FIDError, match=message.replace(".", r"\.")):
-        eval_fid.inception_state_dict(state, inception, "foreign.pth")
+        inception_net.inception_state_dict(state, inception, "foreign.pth")
 
 
 class _Payload:
@@ -169,7 +170,7 @@ def test_pickle_code_is_never_run(tmp_path):
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, protocol=2))
     with pytest.raises(FIDError):
-        eval_fid.load_inception(path)
+        inception_net.load_inception(path)
     assert not marker.exists()
 
 
@@ -334,7 +335,7 @@ def cheap_features(monkeypatch):
     def forward(self, images):
         assert images.shape[1:] == (3, 299, 299)
         return images.float().flatten(1)[:, ::4177][:, :64] / 255  # (B, 64)
-    monkeypatch.setattr(eval_fid.InceptionV3, "forward", forward)
+    monkeypatch.setattr(inception_net.InceptionV3, "forward", forward)
 
 
 def _last_error_line(err: str) -> str:
@@ -348,7 +349,7 @@ def test_cli_stats_then_fid(tmp_path, weights, cheap_features, capsys):
     assert eval_fid.main(["stats", str(folder), str(stats), "--inception", str(weights), "--allow-few",
                           "--device", "cpu", "--batch-size", "2"]) == 0
     cached = eval_fid.load_stats(stats)
-    sha = eval_fid.sha256_file(weights)
+    sha = inception_net.sha256_file(weights)
     assert cached["n"] == 3 and cached["inception_sha256"] == sha
     assert f"sha256 {sha} (NOT the published" in capsys.readouterr().err  # the weights' hash is printed
     report = tmp_path / "out" / "fid.json"
@@ -523,7 +524,7 @@ def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_feature
     chosen = eval_fid.coco_captions(captions, 4, seed=0)
     crops = [eval_fid.center_crop_resize(eval_fid.read_rgb(images / c["file_name"]), 32) for c in chosen]
     assert all(crop.shape == (32, 32, 3) for crop in crops)
-    mu, sigma = eval_fid.image_stats(eval_fid.load_inception(weights), crops, allow_few=True, progress=False)
+    mu, sigma = eval_fid.image_stats(inception_net.load_inception(weights), crops, allow_few=True, progress=False)
     stats = eval_fid.load_stats(out)
     assert stats["n"] == 4
     np.testing.assert_allclose(stats["mu"], mu, rtol=1e-12)

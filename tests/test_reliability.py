@@ -36,6 +36,7 @@ import clip_text
 import data
 import emage
 import eval_fid
+import inception
 import export_onnx
 import sample
 import train
@@ -423,7 +424,7 @@ def test_load_inception_raises_its_own_error(tmp_path, how):
     elif how == "not a state dict":
         torch.save([torch.zeros(2)], path)
     with pytest.raises(eval_fid.FIDError) as error:
-        eval_fid.load_inception(path, check_hash=False)
+        inception.load_inception(path, check_hash=False)
     assert "\n" not in str(error.value)
 
 
@@ -894,7 +895,7 @@ def test_fid_inception_pth_with_a_payload_is_refused(tmp_path, capsys):
     marker, path = tmp_path / "marker", tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(evil_pickle(marker, {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}), path)
     with pytest.raises(eval_fid.FIDError):
-        eval_fid.load_inception(path, check_hash=False)
+        inception.load_inception(path, check_hash=False)
     (tmp_path / "imgs").mkdir()
     rc, err = cli(eval_fid.main, ["stats", tmp_path / "imgs", tmp_path / "s.npz", "--inception", path,
                                   "--no-hash-check", "--device", "cpu"], capsys)
