@@ -29,7 +29,6 @@ import json
 import re
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,7 +377,7 @@ def main(argv=None) -> int:
             try:
                 shapes.parse(args.prompt)
             except shapes.ShapesError as error:
-                warnings.warn(f"this model only knows the shapes world ({error}); generating anyway", stacklevel=1)
+                print(f"warning: this model only knows the shapes world ({error}); generating anyway", file=sys.stderr)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
         C = args.candidates
         options = dict(steps=args.steps, schedule=args.schedule, temperature=args.temperature,

@@ -193,3 +193,12 @@ def test_reranking_without_a_clip_checkpoint_is_a_user_error(tiny, tmp_path, cap
                         "--candidates", "2", "--clip", str(tmp_path / "missing"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "does not exist" in err and "Traceback" not in err
+
+
+def test_prompt_outside_the_shapes_grammar_warns_in_one_line_and_still_generates(tiny, tmp_path, capsys):
+    out = tmp_path / "dog.png"
+    assert sample.main(["a dog on a sofa", "--checkpoint", str(tiny / "emage"), "--out", str(out), "--steps", "2",
+                        "--device", "cpu"]) == 0
+    assert out.is_file()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "only knows the shapes world" in warnings[0]
