@@ -10,8 +10,8 @@ the public checkpoints load with a one-to-one key mapping:
       -> Encoder -> quant_conv -> quantiser -> tokens [B, H/f, W/f]   (VQGAN.encode)
       -> codebook lookup -> post_quant_conv -> Decoder -> image       (VQGAN.decode)
 
-and a small trainer for the shapes world (SHAPES.md), whose tokenizer is committed
-in checkpoints/shapes/vqgan/.
+The small trainer for the shapes world (SHAPES.md), whose tokenizers are committed in
+checkpoints/shapes/, lives in vqgan_shapes.py.
 
 Command line:
     python vqgan.py convert SRC OUT_DIR                 taming .ckpt -> config.json + model.safetensors
@@ -26,11 +26,10 @@ import json
 import math
 import os
 import pickle
-import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -558,7 +557,7 @@ def load_state_strict(model: VQGAN, state: dict[str, torch.Tensor], source: str)
     model.load_state_dict(state, strict=True)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, then os.replace, so readers never see half a file."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -575,9 +574,9 @@ def save_vqgan(model: VQGAN, out_dir: str | Path, extra: dict | None = None) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta = {"model": "vqgan", "config": asdict(model.config), **(extra or {})}
-    _atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def load_vqgan(path: str | Path) -> VQGAN:
@@ -642,181 +641,6 @@ def side_by_side(originals: np.ndarray, reconstructions: np.ndarray, scale: int 
 
 
 # ---------------------------------------------------------------------------
-# The shapes world: evaluation and training
-# ---------------------------------------------------------------------------
-
-EVAL_SEEDS = (0, 1)
-
-
-def shapes_eval_set(seeds=EVAL_SEEDS) -> tuple[list[str], np.ndarray]:
-    """(captions, images (N, 64, 64, 3) uint8) for every evaluation caption and seed."""
-    import shapes
-    captions = [c for c in shapes.eval_captions() for _ in seeds]
-    images = np.stack([np.asarray(shapes.render(c, s)) for c in shapes.eval_captions() for s in seeds])
-    return captions, images
-
-
-@torch.no_grad()
-def reconstruction_report(model: VQGAN, seeds=EVAL_SEEDS, batch_size: int = 64, device: str = "cpu") -> dict:
-    """How many reconstructions of the shapes evaluation images still pass shapes.score, and codebook usage."""
-    import shapes
-    captions, images = shapes_eval_set(seeds)
-    model.eval()
-    passed, counts = [], torch.zeros(model.config.n_embed, dtype=torch.long)
-    for start in range(0, len(images), batch_size):
-        batch = to_tensor(images[start:start + batch_size]).to(device)
-        tokens = model.encode(batch)  # (B, h, w)
-        counts += torch.bincount(tokens.flatten().cpu(), minlength=model.config.n_embed)
-        for array, caption in zip(to_uint8(model.decode(tokens)), captions[start:start + batch_size]):
-            passed.append(shapes.score(array, caption))
-    novel = [shapes.is_novel(c) for c in captions]
-    probs = counts.float() / counts.sum()
-    perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
-
-    def rate(select):
-        chosen = [p for p, keep in zip(passed, select) if keep]
-        return sum(chosen) / len(chosen)
-
-    return {"pass_rate": rate([True] * len(passed)), "pass_rate_seen": rate([not n for n in novel]),
-            "pass_rate_novel": rate(novel), "images": len(passed), "codes_used": int((counts > 0).sum()),
-            "n_embed": model.config.n_embed, "perplexity": round(perplexity, 1),
-            "grid": list(model.grid_size(images.shape[1]))}
-
-
-def format_report(report: dict) -> str:
-    return (f"reconstructions passing shapes.score: {report['pass_rate']:.2%} of {report['images']} "
-            f"(seen {report['pass_rate_seen']:.2%}, novel {report['pass_rate_novel']:.2%}); "
-            f"codebook usage {report['codes_used']}/{report['n_embed']} (perplexity {report['perplexity']}); "
-            f"token grid {report['grid'][0]}x{report['grid'][1]}")
-
-
-def shapes_batch(seed: int, step: int, batch_size: int) -> np.ndarray:
-    """A batch of training-split renders, determined by (seed, step) so a resumed run sees the same data."""
-    import shapes
-    rng = random.Random(f"vqgan:{seed}:{step}")
-    return np.stack([np.asarray(shapes.render(shapes.sample_caption(rng, "train"), rng.randrange(2 ** 31)))
-                     for _ in range(batch_size)])
-
-
-def reconstruction_loss(model: VQGAN, decoded: torch.Tensor, images: torch.Tensor,
-                        foreground_weight: float, edge_weight: float) -> torch.Tensor:
-    """Per-pixel loss, up-weighted on object pixels and along edges.
-
-    With a palette: cross-entropy against each pixel's palette colour; without one: L1 +
-    squared error on RGB. Shapes images are mostly black, and the scorer judges a shape by
-    how much of its bounding box it fills, so the few pixels at corners, apexes and the
-    2-px gaps between objects decide; unweighted, the loss tolerates rounding them off.
-    Edge pixels are those whose 3x3 neighbourhood is not one colour.
-    """
-    foreground = (images.max(1, keepdim=True).values > -0.5).float()  # (B, 1, H, W)
-    spread = F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)  # 3x3 max - 3x3 min, (B, 3, H, W)
-    edges = (spread.abs().sum(1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
-    weight = (1 + foreground_weight * foreground + edge_weight * edges)[:, 0]  # (B, H, W)
-    # Mean weight 1: the reconstruction term keeps its scale relative to the quantiser's commitment
-    # term; otherwise the encoder drifts away from the codebook (measured: 94.8 % vs 97.7 % pass).
-    weight = weight / weight.mean()
-    if model.config.palette:
-        per_pixel = F.cross_entropy(decoded, model.palette_classes(images), reduction="none")  # (B, H, W)
-    else:
-        error = decoded - images
-        per_pixel = (error.abs() + error ** 2).mean(1)  # (B, H, W)
-    return (weight * per_pixel).mean()
-
-
-def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train(args) -> dict:
-    """Train a shapes-world VQGAN into args.out; returns the final reconstruction report."""
-    from tqdm import tqdm
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    if args.resume:
-        if not (out / TRAIN_STATE_NAME).is_file():
-            raise VQGANError(f"--resume: {out / TRAIN_STATE_NAME} not found; start without --resume")
-        model = load_vqgan(out).to(device)
-        state = torch.load(out / TRAIN_STATE_NAME, map_location=device, weights_only=True)
-        step, usage = state["step"], state["usage"].cpu()
-    else:
-        preset = VQGANConfig.shapes()
-        config = replace(preset, encoder=args.encoder, n_embed=args.n_embed, embed_dim=args.embed_dim, ch=args.ch, ch_mult=tuple(args.ch_mult),
-                         num_res_blocks=args.num_res_blocks, z_channels=args.z_channels, norm_groups=args.norm_groups,
-                         palette=preset.palette if args.palette else (),
-                         out_channels=preset.out_channels if args.palette else 3)
-        model, state, step = VQGAN(config).to(device), None, 0
-        usage = torch.zeros(config.n_embed, dtype=torch.long)
-    if model.config.quantizer != "vector":
-        raise VQGANError("the shapes trainer trains the vector quantiser only")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    generator = torch.Generator().manual_seed(args.seed + step)
-    import shapes
-    preview = to_tensor([shapes.render(c, 0) for c in shapes.eval_captions()[:16]]).to(device)  # fixed grid images
-    (out / "samples").mkdir(exist_ok=True)
-    start_time, start_step = time.time(), step
-    meta = {"train": {k: v for k, v in vars(args).items() if k not in ("run", "resume")}}
-
-    def checkpoint():
-        save_vqgan(model, out, {**meta, "step": step})
-        _atomic_write(out / TRAIN_STATE_NAME, lambda tmp: torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "usage": usage}, tmp))
-
-    progress = tqdm(total=args.steps, initial=step, desc="vqgan", dynamic_ncols=True)
-    while step < args.steps:
-        if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
-            progress.write(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
-            break
-        model.train()
-        images = to_tensor(shapes_batch(args.seed, step, args.batch_size)).to(device)  # (B, 3, 64, 64)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        z = model.pre_quant(images)  # (B, D, 8, 8)
-        if step == 0 or (step % args.restart_every == 0 and step < args.steps * 0.9):
-            # Dead-code restart: codes unused since the last check jump onto random current encodings.
-            # At step 0 every code counts as dead, which initialises the codebook from data.
-            restarted = model.quantize.restart_dead_codes(z, usage == 0, generator)
-            if step:
-                progress.write(f"step {step}: restarted {restarted} dead codes")
-            usage.zero_()
-        z_q, quant_loss, tokens = model.quantize(z)
-        decoded = model.decoder(model.post_quant_conv(z_q))  # (B, out_channels, 64, 64)
-        rec_loss = reconstruction_loss(model, decoded, images, args.foreground_weight, args.edge_weight)
-        loss = rec_loss + quant_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        usage += torch.bincount(tokens.flatten().cpu(), minlength=model.config.n_embed)
-        step += 1
-        progress.update(1)
-        progress.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{quant_loss.item():.4f}",
-                             used=int((usage > 0).sum()))
-        if step % args.sample_every == 0 or step == args.steps:
-            model.eval()
-            with torch.no_grad():
-                sheet = side_by_side(to_uint8(preview), to_uint8(model.decode(model.encode(preview))), scale=2)
-            _atomic_write(out / "samples" / f"step_{step:06d}.png", lambda tmp: sheet.save(tmp, format="PNG"))
-        if step % args.checkpoint_every == 0:
-            checkpoint()
-    progress.close()
-    minutes = (time.time() - start_time) / 60
-    report = reconstruction_report(model, seeds=args.eval_seeds, device=device)
-    meta["metrics"] = {**report, "train_minutes_this_run": round(minutes, 1), "steps_this_run": step - start_step}
-    checkpoint()
-    print(f"trained {step - start_step} steps in {minutes:.1f} min; {format_report(report)}")
-    return report
-
-
-# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -854,24 +678,27 @@ def cmd_reconstruct(args) -> None:
     sheet = side_by_side(to_uint8(batch), reconstruction, scale=args.scale, columns=1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
+    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"wrote {out}: original | reconstruction from {tokens.shape[1]}x{tokens.shape[2]} tokens")
 
 
 def cmd_eval(args) -> None:
+    import vqgan_shapes
     model = load_vqgan(args.checkpoint).to(args.device)
     start = time.time()
-    report = reconstruction_report(model, seeds=args.seeds, device=args.device)
-    print(format_report(report) + f"  ({time.time() - start:.1f} s)")
+    report = vqgan_shapes.reconstruction_report(model, seeds=args.seeds, device=args.device)
+    print(vqgan_shapes.format_report(report) + f"  ({time.time() - start:.1f} s)")
 
 
 def cmd_train(args) -> None:
     if min(args.steps, args.batch_size, args.sample_every, args.checkpoint_every, args.restart_every) < 1:
         raise VQGANError("--steps, --batch-size, --sample-every, --checkpoint-every and --restart-every must be positive")
-    train(args)
+    import vqgan_shapes
+    vqgan_shapes.train(args)
 
 
 def main(argv=None) -> int:
+    from vqgan_shapes import EVAL_SEEDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
