@@ -63,8 +63,11 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 
-def shapes_example(seed: int, index: int):
+def shapes_example(seed: int, index: int, align: int = 1):
     """The `index`-th example of the shapes stream with this seed: (caption, 64x64 PIL image).
+
+    align > 1 renders it with every object's corner on multiples of `align` px
+    (shapes.render); the caption is the same as with align = 1.
 
     Each example has its own random.Random, seeded from (seed, index), so any example can
     be produced without the ones before it (resuming, splitting between ranks), and
@@ -79,7 +82,7 @@ def shapes_example(seed: int, index: int):
         caption = shapes.sample_caption(rng, "train")
         if not shapes.is_novel(caption):
             break
-    return caption, shapes.render(caption, rng.randrange(2**31))
+    return caption, shapes.render(caption, rng.randrange(2**31), align)
 
 
 class ShapesStream:
@@ -110,11 +113,13 @@ class ShapesStream:
 class ShapesSource:
     """`num` examples of the shapes stream (deterministic in seed)."""
 
-    def __init__(self, num: int, seed: int = 0):
+    def __init__(self, num: int, seed: int = 0, align: int = 1):
         if num <= 0:
             raise DataError(f"--examples must be positive for the shapes source, got {num}")
-        self.num, self.seed = num, seed
-        self.description = f"shapes(num={num}, seed={seed})"
+        if not 1 <= align <= 8:
+            raise DataError(f"--shapes-align must be between 1 and 8 px, got {align}")
+        self.num, self.seed, self.align = num, seed, align
+        self.description = f"shapes(num={num}, seed={seed})" if align == 1 else f"shapes(num={num}, seed={seed}, align={align})"
 
     def __len__(self) -> int:
         return self.num
@@ -124,7 +129,7 @@ class ShapesSource:
             yield f"{index:09d}", (lambda index=index: self._load(index))
 
     def _load(self, index: int):
-        caption, image = shapes_example(self.seed, index)
+        caption, image = shapes_example(self.seed, index, self.align)
         return caption, lambda: image
 
 

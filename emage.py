@@ -94,6 +94,8 @@ class EmageConfig:
     pass1_grad: bool = False  # let gradients reach pass 1 (straight-through); default off (see loss)
     pass1_keep_seen: bool = True  # #3: positions pass 1 saw unmasked keep their true token in Y_pred (see loss)
     caption_dropout: float = 0.0  # probability of training on the empty caption (for guidance); paper: 0
+    relative_positions: bool = False  # learned 2D relative position bias in self-attention (beyond the paper, see SelfAttention)
+    colours: int = 0  # > 0: code = colour * (codebook_size / colours) + pattern (vqgan.PatternQuantizer), see FactoredEmbedding
 
     @property
     def n(self) -> int:
@@ -160,6 +162,8 @@ def _check_config(c: EmageConfig) -> None:
         raise EmageError(f"unknown train_schedule {c.train_schedule!r}; choose linear or cosine")
     if c.pass1 not in ("argmax", "sample"):
         raise EmageError(f"unknown pass1 {c.pass1!r}; choose argmax or sample")
+    if c.colours < 0 or (c.colours and c.codebook_size % c.colours):
+        raise EmageError(f"colours={c.colours} must be 0 or divide codebook_size={c.codebook_size}")
     if not 0.0 <= c.caption_dropout < 1.0:
         raise EmageError(f"caption_dropout must be in [0, 1), got {c.caption_dropout}")
 
@@ -302,17 +306,41 @@ def commit_algorithm3(tokens, committed, fixed, sampled, confidence, count, mask
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over image tokens; bidirectional (NAR) or causal (AR), with
-    an optional key/value cache for token-by-token AR decoding."""
+    an optional key/value cache for token-by-token AR decoding.
 
-    def __init__(self, width: int, heads: int):
+    With `grid`, every head adds a learned bias b[dy, dx] to the score of a query and a key
+    that lie dy rows and dx columns apart on the token grid (as Swin and T5 do; beyond the
+    paper, whose decoder has only absolute positions). Absolute embeddings leave "the
+    token to my left" to be learned from 64 unrelated vectors; in the shapes world, where
+    an object is a block of neighbouring patterns, that was the slowest thing to learn.
+    """
+
+    def __init__(self, width: int, heads: int, grid: tuple[int, int] | None = None):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        if grid is not None:
+            h, w = grid
+            rows, cols = torch.arange(h * w) // w, torch.arange(h * w) % w
+            offset = (rows[:, None] - rows[None] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None] + w - 1)
+            self.register_buffer("offset_index", offset, persistent=False)  # (n, n) into the bias table
+            self.relative_bias = nn.Parameter(torch.zeros(heads, (2 * h - 1) * (2 * w - 1)))
+
+    def position_bias(self, queries: slice, keys: int, causal: bool):
+        """Additive score bias [heads, Sq, Sk] (relative positions, causal -inf), or None."""
+        if not hasattr(self, "relative_bias"):
+            return None
+        bias = self.relative_bias[:, self.offset_index[queries, :keys]]  # (h, Sq, Sk)
+        if causal:
+            q = torch.arange(keys, device=bias.device)[queries]
+            bias = bias.masked_fill(q[:, None] < torch.arange(keys, device=bias.device), float("-inf"))
+        return bias
 
     def forward(self, x: torch.Tensor, causal: bool, cache: dict | None) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, S, hd)
+        queries = slice(0, S)
         if cache is not None:  # AR decoding: one new query attends to every earlier position
             if "k" not in cache:  # first step: room for the whole sequence, written in place (no
                 cache["k"] = k.new_empty(B, self.heads, cache["size"], D // self.heads)  # growing copy)
@@ -320,8 +348,12 @@ class SelfAttention(nn.Module):
             start, end = cache["length"], cache["length"] + S
             cache["k"][:, :, start:end], cache["v"][:, :, start:end] = k, v
             k, v, cache["length"] = cache["k"][:, :, :end], cache["v"][:, :, :end], end  # (B, h, end, hd)
-            causal = False  # S == 1: the cache holds only the past
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, S, hd)
+            queries, causal = slice(start, end), False  # S == 1: the cache holds only the past
+        bias = self.position_bias(queries, k.shape[2], causal)
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, S, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # causality is in the bias
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -350,10 +382,10 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm decoder block: self-attention, cross-attention to the text, MLP."""
 
-    def __init__(self, width: int, text_width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, text_width: int, heads: int, mlp_ratio: float, grid: tuple[int, int] | None = None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads)
+        self.attn = SelfAttention(width, heads, grid)
         self.ln_2 = nn.LayerNorm(width)
         self.cross = CrossAttention(width, text_width, heads)
         self.ln_3 = nn.LayerNorm(width)
@@ -364,6 +396,51 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), causal, cache)
         x = x + self.cross(self.ln_2(x), kv, text_mask)
         return x + self.mlp(self.ln_3(x))
+
+
+class FactoredEmbedding(nn.Module):
+    """Input embedding of colour-factored codes: e(colour * P + pattern) = colour vector + pattern vector.
+
+    Beyond the paper, for the shapes tokenizer (vqgan.PatternQuantizer). A table with one
+    free row per code would leave the codes of held-out colour-shape pairs (a purple
+    triangle's) untrained; with shared factors they are built from trained parts. [mask]
+    (id colours * P) is its own colour and pattern. `weight` materialises the full table
+    [colours * P + 1, width], as nn.Embedding's, for code that reads it.
+    """
+
+    def __init__(self, colours: int, patterns: int, width: int):
+        super().__init__()
+        self.patterns, self.mask_id = patterns, colours * patterns
+        self.colour = nn.Embedding(colours + 1, width)  # + [mask]
+        self.pattern = nn.Embedding(patterns + 1, width)  # + [mask]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        masked = tokens == self.mask_id
+        colour = torch.where(masked, self.colour.num_embeddings - 1, tokens // self.patterns)
+        pattern = torch.where(masked, self.patterns, tokens % self.patterns)
+        return self.colour(colour) + self.pattern(pattern)  # (..., width)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self(torch.arange(self.mask_id + 1, device=self.colour.weight.device))
+
+
+class FactoredHead(nn.Module):
+    """Logits of colour-factored codes: logit(colour * P + pattern) = colour logit + pattern logit.
+
+    The code's distribution is then p(colour) p(pattern) at each position, and its
+    cross-entropy is the sum of the two factors' (log-softmax of a sum of independent
+    logits). Held-out pairs get their probability from factors trained on other pairs.
+    """
+
+    def __init__(self, width: int, colours: int, patterns: int):
+        super().__init__()
+        self.colours = colours
+        self.proj = nn.Linear(width, colours + patterns)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        colour, pattern = self.proj(x).split([self.colours, self.proj.out_features - self.colours], -1)
+        return (colour[..., :, None] + pattern[..., None, :]).flatten(-2)  # (..., colours * patterns)
 
 
 class Emage(nn.Module):
@@ -380,11 +457,18 @@ class Emage(nn.Module):
         self.variant = None if variant is None else parse_variant(variant)
         c = config
         self.text_encoder = TextEncoder(c.text)
-        self.tok_emb = nn.Embedding(c.codebook_size + 1, c.width)  # codes + [mask]
+        if c.colours:  # colour-factored codes of the shapes tokenizer
+            self.tok_emb = FactoredEmbedding(c.colours, c.codebook_size // c.colours, c.width)
+        else:
+            self.tok_emb = nn.Embedding(c.codebook_size + 1, c.width)  # codes + [mask]
         self.pos_emb = nn.Parameter(torch.zeros(c.n, c.width))  # learned positions
-        self.blocks = nn.ModuleList(Block(c.width, c.text.width, c.heads, c.mlp_ratio) for _ in range(c.layers))
+        grid = tuple(c.grid) if c.relative_positions else None
+        self.blocks = nn.ModuleList(Block(c.width, c.text.width, c.heads, c.mlp_ratio, grid) for _ in range(c.layers))
         self.ln_f = nn.LayerNorm(c.width)
-        self.head = nn.Linear(c.width, c.codebook_size)  # logits over codes only: [mask] is never predicted
+        if c.colours:
+            self.head = FactoredHead(c.width, c.colours, c.codebook_size // c.colours)
+        else:
+            self.head = nn.Linear(c.width, c.codebook_size)  # logits over codes only: [mask] is never predicted
         self._init_decoder()
 
     def _init_decoder(self) -> None:

@@ -293,10 +293,11 @@ def _draw_size(rng: random.Random, obj: Obj) -> int:
     return SIZES[size] + rng.randint(-SIZE_JITTER, SIZE_JITTER)
 
 
-def _place(rng: random.Random, caption: Caption) -> list[Box]:
+def _place(rng: random.Random, caption: Caption, align: int = 1) -> list[Box]:
     sides = [_draw_size(rng, o) for o in caption.objects]
+    corner = lambda side: align * rng.randint(0, (IMAGE_SIZE - side) // align)  # noqa: E731
     for _ in range(10_000):
-        boxes = [Box(rng.randint(0, IMAGE_SIZE - s), rng.randint(0, IMAGE_SIZE - s), s) for s in sides]
+        boxes = [Box(corner(s), corner(s), s) for s in sides]
         if len(boxes) == 1:
             return boxes
         a, b = boxes
@@ -305,12 +306,20 @@ def _place(rng: random.Random, caption: Caption) -> list[Box]:
     raise AssertionError(f"could not place {caption}")  # unreachable for the grammar's sizes
 
 
-def render(caption: str | Caption, seed: int) -> Image.Image:
-    """Render a caption as a 64x64 RGB image; the same (caption, seed) gives the same pixels."""
+def render(caption: str | Caption, seed: int, align: int = 1) -> Image.Image:
+    """Render a caption as a 64x64 RGB image; the same (caption, seed, align) gives the same pixels.
+
+    align > 1 puts every bounding box's top-left corner on multiples of `align` px (8 = the
+    token grid of the shapes tokenizer): still an image of this world, passing the scorer,
+    but each object then falls on the token grid the same way every time (see train.py
+    --shapes-align). align = 1 is the free placement of SHAPES.md.
+    """
+    if not 1 <= align <= 8:
+        raise ShapesError(f"align must be between 1 and 8 px, got {align}")
     parsed = parse(caption) if isinstance(caption, str) else caption
     rng = random.Random(f"{seed}:{parsed}")
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for obj, box in zip(parsed.objects, _place(rng, parsed)):
+    for obj, box in zip(parsed.objects, _place(rng, parsed, align)):
         mask = _shape_mask(obj.shape, box.side)
         canvas[box.y:box.y + box.side, box.x:box.x + box.side][mask] = COLORS[obj.color]
     return Image.fromarray(canvas, "RGB")

@@ -164,7 +164,7 @@ class LossModule(nn.Module):
 def shapes_tokens(args, rank: int, world: int) -> Path:
     """The tokenised shapes set, built on first use (all ranks encode a share of the shards)."""
     out = Path(args.shapes_cache)
-    source = data.ShapesSource(args.shapes_examples, seed=args.shapes_seed)
+    source = data.ShapesSource(args.shapes_examples, seed=args.shapes_seed, align=args.shapes_align)
     vqgan_dir = args.vqgan or SHAPES_VQGAN
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
@@ -298,10 +298,18 @@ def evaluate(model, vq, tokenizer, captions, context_length, grid, device, seed,
 # ----------------------------------------------------------------------------------------
 
 
-def build_model(args, tokenizer, shards) -> emage.Emage:
+def vqgan_colours(vqgan_dir) -> int:
+    """Palette size of a colour-factored VQGAN (quantizer "pattern"), else 0: EmageConfig.colours."""
+    path = Path(vqgan_dir) / "config.json"
+    config = json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
+    return len(config.get("palette", ())) if config.get("quantizer") == "pattern" else 0
+
+
+def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
     config = emage.EmageConfig.paper() if args.preset == "paper" else emage.EmageConfig.shapes()
     config.codebook_size = shards.codebook_size  # the VQGAN of the data decides these
     config.grid = tuple(shards.grid)
+    config.colours = vqgan_colours(vqgan_dir) if vqgan_dir is not None else 0
     text_encoder = None
     if args.text_init:
         import clip_text
@@ -383,7 +391,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
         if rank == 0:
             shutil.copyfile(tokenizer.path, tokenizer_path)
     else:
-        model = build_model(args, tokenizer, shards)
+        model = build_model(args, tokenizer, shards, vqgan_dir)
     if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
         raise TrainError(f"the model expects {model.config.codebook_size} codes on a {model.config.grid} grid but "
                          f"{data_dir} holds {shards.codebook_size} codes on {shards.grid}")
@@ -595,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-captions", type=int, default=16, help="captions generated at each evaluation")
     p.add_argument("--shapes-examples", type=int, default=30_000, help="examples in the tokenised shapes set built on first use")
     p.add_argument("--shapes-seed", type=int, default=0, help="seed of that shapes set")
+    p.add_argument("--shapes-align", type=int, default=1,
+                   help="render the training images with every object's corner on multiples of this many px "
+                        "(8 = the shapes tokenizer's token grid; 1 = SHAPES.md's free placement)")
     p.add_argument("--shapes-cache", default=str(SHAPES_TOKENS), help="where the tokenised shapes set is kept")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's choice, one per core); "

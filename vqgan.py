@@ -61,7 +61,7 @@ class VQGANConfig:
     z_channels: int = 256  # channels of the encoder output and of the decoder input
     embed_dim: int = 256  # dimension of a codebook vector (quant_conv maps z_channels -> embed_dim)
     n_embed: int = 8192  # codebook size: the number of distinct image tokens
-    quantizer: str = "gumbel"  # "gumbel" (logits over codes, argmax at inference) or "vector" (nearest code)
+    quantizer: str = "gumbel"  # "gumbel" (logits over codes, argmax at inference), "vector" (nearest code) or "pattern" (see PatternQuantizer)
     encoder: str = "taming"  # "taming" (convolutional, tokens see their neighbours) or "patch" (see PatchEncoder)
     norm_groups: int = 32  # GroupNorm groups (taming: always 32)
     beta: float = 0.25  # vector quantiser, training only: weight of the commitment term ||z - sg[e]||^2
@@ -76,8 +76,10 @@ class VQGANConfig:
             raise VQGANError(f"a palette of {len(self.palette)} colours needs out_channels={len(self.palette)}, got {self.out_channels}")
         if self.encoder not in ("taming", "patch"):
             raise VQGANError(f"unknown encoder {self.encoder!r}: use 'taming' or 'patch'")
-        if self.quantizer not in ("gumbel", "vector"):
-            raise VQGANError(f"unknown quantizer {self.quantizer!r}: use 'gumbel' or 'vector'")
+        if self.quantizer not in ("gumbel", "vector", "pattern"):
+            raise VQGANError(f"unknown quantizer {self.quantizer!r}: use 'gumbel', 'vector' or 'pattern'")
+        if self.quantizer == "pattern" and (not self.palette or self.n_embed % len(self.palette)):
+            raise VQGANError(f"the pattern quantizer needs a palette whose size divides n_embed={self.n_embed}")
         widths = [self.ch] + [self.ch * m for m in self.ch_mult] + [self.z_channels]
         if any(w % self.norm_groups for w in widths):
             raise VQGANError(f"every channel count {sorted(set(widths))} must be divisible by norm_groups={self.norm_groups}")
@@ -114,6 +116,20 @@ class VQGANConfig:
         return cls(resolution=64, out_channels=len(palette), ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
                    attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=256, quantizer="vector",
                    norm_groups=1, palette=palette, encoder="patch")
+
+    @classmethod
+    def shapes_patterns(cls, patterns: int = 256) -> "VQGANConfig":
+        """The shapes-world tokenizer with colour-factored codes (PatternQuantizer): 64x64 -> 8x8
+        tokens, code = colour * patterns + pattern, over the world's 7-colour palette."""
+        palette = cls.shapes().palette
+        return cls(resolution=64, out_channels=len(palette), ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=0,
+                   attn_resolutions=(), z_channels=8, embed_dim=8, n_embed=len(palette) * patterns,
+                   quantizer="pattern", norm_groups=1, palette=palette, encoder="patch")
+
+    @property
+    def patterns(self) -> int:
+        """Patterns per colour of the pattern quantizer (n_embed = palette size * patterns)."""
+        return self.n_embed // len(self.palette)
 
     @classmethod
     def from_dict(cls, data: dict) -> "VQGANConfig":
@@ -391,6 +407,51 @@ class GumbelQuantizer(nn.Module):
         return z_q, loss, one_hot.argmax(1)
 
 
+class PatternQuantizer(nn.Module):
+    """Colour-factored codes for palette images: token = colour * patterns + pattern.
+
+    Not in taming; used by the shapes world. A learned codebook mixes colour and shape in
+    every code, so the tokens of a purple triangle are codes no training image (which never
+    holds one, SHAPES.md) ever produced: measured with the 1,024-code tokenizer, each of the
+    160 novel evaluation images needs at least one code absent from 30,000 training images,
+    and a generator cannot learn to emit a code it never saw. Here a token is two factors:
+    the patch's colour (the most frequent non-background palette class, 0 for an empty
+    patch) and its pattern, the nearest of `patterns` learned foreground masks (a k-means
+    codebook over f x f binary masks, trained by vqgan_shapes.train_patterns; entry 0 is the
+    empty mask). Every colour combines with every pattern, so a purple triangle is made of
+    a colour seen on circles and patterns seen in other colours.
+    """
+
+    def __init__(self, colours: int, patterns: int, patch: int):
+        super().__init__()
+        self.colours, self.patterns, self.patch = colours, patterns, patch
+        self.register_buffer("masks", torch.zeros(patterns, patch * patch))  # (P, f*f) in [0, 1]; row 0 empty
+
+    def cells(self, classes: torch.Tensor) -> torch.Tensor:
+        """Palette classes (B, H, W) -> per-patch pixels (B, H/f, W/f, f*f)."""
+        B, H, W, f = *classes.shape, self.patch
+        return classes.reshape(B, H // f, f, W // f, f).permute(0, 1, 3, 2, 4).reshape(B, H // f, W // f, f * f)
+
+    def codes(self, classes: torch.Tensor) -> torch.Tensor:
+        """Palette classes (B, H, W) -> tokens (B, H/f, W/f)."""
+        cells = self.cells(classes)  # (B, h, w, f*f)
+        counts = F.one_hot(cells, self.colours).sum(-2)  # (B, h, w, colours)
+        colour = counts[..., 1:].argmax(-1) + 1  # the most frequent non-background colour
+        colour = torch.where(counts[..., 1:].sum(-1) > 0, colour, torch.zeros_like(colour))  # (B, h, w)
+        foreground = (cells > 0).to(self.masks.dtype)  # (B, h, w, f*f)
+        distance = self.masks.square().sum(-1) - 2 * foreground @ self.masks.t()  # ||x - m||^2 - ||x||^2, (B, h, w, P)
+        pattern = torch.where(colour > 0, distance.argmin(-1), torch.zeros_like(colour))
+        return colour * self.patterns + pattern
+
+    def classes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, h, w) -> palette classes (B, h*f, w*f): the pattern's mask painted in the colour."""
+        B, h, w, f = *tokens.shape, self.patch
+        colour, pattern = tokens // self.patterns, tokens % self.patterns  # (B, h, w) each
+        inside = self.masks[pattern] > 0.5  # (B, h, w, f*f)
+        cells = torch.where(inside, colour[..., None], torch.zeros_like(colour)[..., None])
+        return cells.reshape(B, h, w, f, f).permute(0, 1, 3, 2, 4).reshape(B, h * f, w * f)
+
+
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
@@ -399,6 +460,12 @@ class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = config
+        if config.palette:  # a constant of the config, not a weight: kept out of the state dict
+            colours = torch.tensor(config.palette, dtype=torch.float32) / 127.5 - 1.0  # (K, 3) in [-1, 1]
+            self.register_buffer("palette_rgb", colours, persistent=False)
+        if config.quantizer == "pattern":  # no networks: palette classes in, palette classes out
+            self.quantize = PatternQuantizer(len(config.palette), config.patterns, config.downsample_factor)
+            return
         self.encoder = PatchEncoder(config) if config.encoder == "patch" else Encoder(config)
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
@@ -407,9 +474,6 @@ class VQGAN(nn.Module):
             self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, config.beta)
         else:
             self.quantize = GumbelQuantizer(config.embed_dim, config.n_embed, config.embed_dim, config.kl_weight)
-        if config.palette:  # a constant of the config, not a weight: kept out of the state dict
-            colours = torch.tensor(config.palette, dtype=torch.float32) / 127.5 - 1.0  # (K, 3) in [-1, 1]
-            self.register_buffer("palette_rgb", colours, persistent=False)
 
     def to_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> image in [-1, 1].
@@ -445,12 +509,17 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> tokens LongTensor (B, H/f, W/f)."""
+        if self.config.quantizer == "pattern":
+            self.grid_size(tuple(images.shape[-2:]))
+            return self.quantize.codes(self.palette_classes(images))
         return self.quantize.codes(self.pre_quant(images))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
         if tokens.dim() != 3:
             raise VQGANError(f"decode expects tokens of shape (B, h, w), got {tuple(tokens.shape)}")
+        if self.config.quantizer == "pattern":
+            return self.palette_rgb[self.quantize.classes(tokens.long())].permute(0, 3, 1, 2)  # (B, 3, H, W)
         return self.to_image(self.decoder(self.post_quant_conv(self.quantize.lookup(tokens.long()))))
 
     def decode_code(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -743,6 +812,11 @@ def main(argv=None) -> int:
     tr.add_argument("--norm-groups", type=int, default=VQGANConfig.shapes().norm_groups, help="GroupNorm groups")
     tr.add_argument("--palette", action=argparse.BooleanOptionalAction, default=True,
                     help="decode to the shapes palette, trained with cross-entropy (see VQGAN.to_image)")
+    tr.add_argument("--patterns", type=int, default=0,
+                    help="> 0: a colour-factored tokenizer (PatternQuantizer) with this many masks per colour, "
+                         "fitted by k-means; the network options below are then unused")
+    tr.add_argument("--pattern-images", type=int, default=20_000, help="training renders whose patches the k-means fits")
+    tr.add_argument("--pattern-iterations", type=int, default=30, help="k-means (Lloyd) iterations")
     tr.add_argument("--foreground-weight", type=float, default=4.0, help="extra loss weight on object pixels")
     tr.add_argument("--edge-weight", type=float, default=8.0, help="extra loss weight on pixels next to an edge")
     tr.add_argument("--restart-every", type=int, default=50, help="steps between dead-code restarts")

@@ -105,8 +105,69 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def foreground_masks(model: VQGAN, seed: int, images: int, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct non-empty f x f foreground masks of `images` training renders and how often each occurs."""
+    masks = []
+    for step in range(math.ceil(images / batch_size)):
+        batch = to_tensor(shapes_batch(seed, step, min(batch_size, images - step * batch_size)))
+        cells = model.quantize.cells(model.palette_classes(batch)).flatten(0, 2) > 0  # (B*h*w, f*f)
+        masks.append(cells[cells.any(1)])
+    return torch.unique(torch.cat(masks), dim=0, return_counts=True)
+
+
+def kmeans_patterns(masks: torch.Tensor, counts: torch.Tensor, patterns: int, iterations: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Weighted k-means (Lloyd) of binary masks (U, f*f) into `patterns` centroids, row 0 fixed empty.
+
+    Returns (centroids (patterns, f*f) in [0, 1], the mean number of wrong pixels per
+    non-empty patch once each mask is decoded as its centroid thresholded at 0.5).
+    """
+    x, weight = masks.float(), counts.float()
+    k = patterns - 1  # row 0 is the empty mask
+    if x.shape[0] <= k:
+        centroids = torch.cat([x, x.new_zeros(k - x.shape[0], x.shape[1])])
+    else:
+        centroids = x[torch.multinomial(weight, k, replacement=False, generator=generator)]
+    for _ in range(iterations):
+        assign = (centroids.square().sum(-1) - 2 * x @ centroids.t()).argmin(-1)  # (U,)
+        total = torch.zeros_like(centroids).index_add_(0, assign, x * weight[:, None])
+        mass = torch.zeros(k).index_add_(0, assign, weight)
+        empty = mass == 0
+        centroids = torch.where(empty[:, None], centroids, total / mass.clamp_min(1)[:, None])
+        if empty.any():  # re-seed unused centroids on the masks they describe worst
+            error = ((x - centroids[assign]).square().sum(-1) * weight)
+            centroids[empty] = x[error.topk(int(empty.sum())).indices]
+    table = torch.cat([x.new_zeros(1, x.shape[1]), centroids])  # (patterns, f*f)
+    assign = (table.square().sum(-1) - 2 * x @ table.t()).argmin(-1)
+    wrong = ((table[assign] > 0.5) != (x > 0.5)).sum(-1).float()
+    return table, float((wrong * weight).sum() / weight.sum())
+
+
+def train_patterns(args) -> dict:
+    """Fit the pattern quantizer's mask codebook by k-means on training renders; returns the reconstruction report."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    model = VQGAN(VQGANConfig.shapes_patterns(args.patterns))
+    masks, counts = foreground_masks(model, args.seed, args.pattern_images)
+    generator = torch.Generator().manual_seed(args.seed)
+    table, wrong = kmeans_patterns(masks, counts, args.patterns, args.pattern_iterations, generator)
+    model.quantize.masks.copy_(table)
+    report = reconstruction_report(model, seeds=args.eval_seeds)
+    minutes = (time.time() - start) / 60
+    print(f"k-means of {int(counts.sum())} non-empty patches ({masks.shape[0]} distinct) into {args.patterns} patterns: "
+          f"{wrong:.2f} wrong pixels per patch; {minutes:.1f} min")
+    meta = {"train": {k: v for k, v in vars(args).items() if k not in ("run", "resume")}, "step": args.pattern_iterations,
+            "metrics": {**report, "wrong_pixels_per_patch": round(wrong, 3), "train_minutes_this_run": round(minutes, 1)}}
+    save_vqgan(model, args.out, meta)
+    print(format_report(report))
+    return report
+
+
 def train(args) -> dict:
     """Train a shapes-world VQGAN into args.out; returns the final reconstruction report."""
+    if args.patterns:
+        return train_patterns(args)
     from tqdm import tqdm
     if args.threads:
         torch.set_num_threads(args.threads)

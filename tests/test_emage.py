@@ -513,3 +513,34 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
         load_checkpoint(tmp_path / "ck")
     with pytest.raises(EmageError, match="not an Emage checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def relative_model() -> Emage:
+    model = tiny_model(relative_positions=True).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.relative_bias.normal_()  # trained-looking biases, not the initial near-zeros
+    return model
+
+
+def test_relative_bias_depends_only_on_the_grid_offset():
+    attn = relative_model().blocks[0].attn
+    h, w = tiny_config().grid
+    bias = attn.position_bias(slice(0, h * w), h * w, causal=False)  # (heads, n, n)
+    at = lambda r, c: r * w + c  # noqa: E731
+    assert torch.equal(bias[:, at(0, 0), at(1, 2)], bias[:, at(1, 1), at(2, 3)])  # both (+1, +2)
+    assert not torch.equal(bias[:, at(0, 0), at(1, 2)], bias[:, at(0, 0), at(2, 1)])  # (+1, +2) vs (+2, +1)
+    assert torch.equal(bias[:, at(1, 1), at(1, 1)], bias[:, at(2, 0), at(2, 0)])  # offset zero
+
+
+def test_relative_positions_keep_ar_causal_and_cache_exact():
+    model = relative_model()
+    text = captions(3)
+    cached = model.generate(text, algorithm="ar", temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(text, algorithm="ar", temperature=0, use_cache=False))
+    kv, mask = model.encode_text(text)
+    tokens = torch.randint(0, tiny_config().codebook_size, (3, tiny_config().n))
+    changed = tokens.clone()
+    changed[:, 9:] = 0
+    before, after = (model.round_logits(t, kv, mask, causal=True) for t in (tokens, changed))
+    assert torch.allclose(before[:, :9], after[:, :9], atol=1e-6) and not torch.allclose(before[:, 9:], after[:, 9:])

@@ -1,0 +1,165 @@
+"""The colour-factored shapes tokenizer (vqgan.PatternQuantizer), the generator's factored
+embedding and head (emage.FactoredEmbedding / FactoredHead), and grid-aligned renders."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_text
+import emage
+import export_onnx
+import shapes
+import vqgan
+import vqgan_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+PATTERNS = ROOT / "checkpoints" / "shapes" / "patterns"
+
+
+def palette_image(classes: np.ndarray) -> torch.Tensor:
+    """Palette class map (H, W) -> image (1, 3, H, W) in [-1, 1] with the shapes palette."""
+    palette = np.array(vqgan.VQGANConfig.shapes().palette, dtype=np.float32)
+    return torch.from_numpy(palette[classes] / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def test_kmeans_is_exact_when_every_mask_has_a_centroid():
+    masks = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    table, wrong = vqgan_shapes.kmeans_patterns(masks, torch.tensor([5, 1, 2]), 4, 5, torch.Generator().manual_seed(0))
+    assert table.shape == (4, 4) and torch.equal(table[0], torch.zeros(4))  # row 0: the empty mask
+    assert wrong == 0.0 and {tuple(r) for r in table[1:].tolist()} == {tuple(m) for m in masks.float().tolist()}
+
+
+def test_kmeans_weights_masks_by_their_count():
+    masks = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    table, wrong = vqgan_shapes.kmeans_patterns(masks, torch.tensor([9, 1]), 2, 5, torch.Generator().manual_seed(0))
+    assert torch.allclose(table[1], torch.tensor([1.0, 1.0, 1.0, 0.9]))  # the weighted mean
+    assert wrong == pytest.approx(0.1)  # the rare mask decodes as the common one: 1 pixel, 1 time in 10
+
+
+def fitted_quantizer(masks: list[np.ndarray]) -> vqgan.VQGAN:
+    model = vqgan.VQGAN(vqgan.VQGANConfig.shapes_patterns(patterns=len(masks) + 1))
+    model.quantize.masks[1:] = torch.from_numpy(np.stack([m.reshape(-1) for m in masks])).float()
+    return model
+
+
+def test_codes_factor_into_the_majority_colour_and_the_nearest_mask():
+    block = np.zeros((8, 8), dtype=bool)
+    block[2:, 3:] = True
+    corner = np.zeros((8, 8), dtype=bool)
+    corner[:3, :3] = True
+    model = fitted_quantizer([block, corner])
+    classes = np.zeros((64, 64), dtype=np.int64)
+    classes[8:16, 0:8][block] = 6  # patch (1, 0): colour 6, mask 1
+    classes[0:8, 16:24][corner] = 2  # patch (0, 2): colour 2, mask 2
+    classes[0:8, 16:24][7, 7] = 3  # one stray pixel of another colour: the majority still wins
+    tokens = model.encode(palette_image(classes))  # (1, 8, 8)
+    P = model.config.patterns
+    assert tokens[0, 1, 0] == 6 * P + 1 and tokens[0, 0, 2] == 2 * P + 2
+    assert (tokens[0] == 0).sum() == 62  # every empty patch is code 0 (colour 0, empty mask)
+    decoded = model.quantize.classes(tokens)[0].numpy()
+    expected = classes.copy()
+    expected[7, 23] = 0  # the stray pixel is not in the nearest mask
+    assert np.array_equal(decoded, expected)
+
+
+def test_every_colour_combines_with_every_pattern():
+    """The codes of a held-out pair are a seen colour times a seen pattern: decode any of them."""
+    triangle = np.asarray(shapes.render("a red triangle", 0, align=8)).copy()
+    model = vqgan.load_vqgan(PATTERNS)
+    tokens = model.encode(vqgan.to_tensor(triangle[None]))  # (1, 8, 8)
+    P = model.config.patterns
+    purple = list(shapes.COLORS).index("purple") + 1
+    recoloured = torch.where(tokens > 0, purple * P + tokens % P, tokens)
+    image = vqgan.to_uint8(model.decode(recoloured))[0]
+    assert shapes.score(image, "a purple triangle") and not shapes.score(image, "a red triangle")
+
+
+@pytest.mark.parametrize("align, minimum", [(8, 1.0), (1, 0.85)])
+def test_committed_pattern_tokenizer_reconstructs_eval_images(align, minimum):
+    """Measured: 100 % of grid-aligned and 89.2 % of freely placed evaluation images."""
+    model = vqgan.load_vqgan(PATTERNS)
+    captions = shapes.eval_captions()
+    images = np.stack([np.asarray(shapes.render(c, 0, align)) for c in captions])
+    decoded = vqgan.to_uint8(model.decode(model.encode(vqgan.to_tensor(images))))
+    rate = np.mean([shapes.score(im, c) for im, c in zip(decoded, captions)])
+    assert rate >= minimum
+
+
+def test_aligned_renders_put_corners_on_the_grid_and_still_pass():
+    for caption in shapes.eval_captions()[:60]:
+        image = np.asarray(shapes.render(caption, 3, align=8))
+        assert shapes.score(image, caption)
+        for d in shapes.detect(image):  # a circle's or triangle's first row may start below its box
+            assert d.bbox[0] % 8 == 0 or d.shape != "square"
+            assert d.bbox[1] % 8 == 0 or d.shape == "circle"
+        assert np.array_equal(np.asarray(shapes.render(caption, 3, align=1)), np.asarray(shapes.render(caption, 3)))
+    with pytest.raises(shapes.ShapesError, match="align"):
+        shapes.render("a red circle", 0, align=0)
+
+
+def factored_model(colours=7, patterns=5, codebook_size=None):
+    torch.manual_seed(0)
+    text = clip_text.TextConfig(vocab_size=clip_text.SHAPES_VOCAB_SIZE, context_length=24, width=32, heads=2,
+                                layers=1, embed_dim=32)
+    config = emage.EmageConfig(text=text, codebook_size=codebook_size or colours * patterns, grid=(4, 4), width=32,
+                               layers=2, heads=2, colours=colours)
+    return emage.Emage(config, variant=3)
+
+
+def test_factored_head_is_a_product_of_two_distributions():
+    head = emage.FactoredHead(16, 3, 4)
+    x = torch.randn(2, 5, 16)
+    logp = head(x).log_softmax(-1).view(2, 5, 3, 4)
+    colour, pattern = head.proj(x).split([3, 4], -1)
+    expected = colour.log_softmax(-1)[..., :, None] + pattern.log_softmax(-1)[..., None, :]
+    assert torch.allclose(logp, expected, atol=1e-6)
+
+
+def test_factored_embedding_sums_colour_and_pattern_and_keeps_mask_apart():
+    embed = emage.FactoredEmbedding(3, 4, 8)
+    table = embed.weight  # (13, 8)
+    for k in range(12):
+        assert torch.allclose(table[k], embed.colour.weight[k // 4] + embed.pattern.weight[k % 4])
+    assert torch.allclose(table[12], embed.colour.weight[3] + embed.pattern.weight[4])  # [mask]
+    tokens = torch.tensor([[0, 5, 12]])
+    assert torch.equal(embed(tokens), table[tokens])
+
+
+def test_factored_model_trains_generates_and_round_trips(tmp_path):
+    model = factored_model()
+    text = torch.randint(1, 50, (3, 24))
+    image_tokens = torch.randint(0, model.config.codebook_size, (3, 16))
+    loss = model.loss(text, image_tokens, 3, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.tok_emb.colour.weight.grad is not None and model.head.proj.weight.grad is not None
+    tokens = model.eval().generate(text, steps=4, generator=torch.Generator().manual_seed(1))
+    assert tokens.shape == (3, 16) and tokens.max() < model.config.codebook_size
+    emage.save_checkpoint(model, tmp_path / "ckpt", variant=3, step=1, tokenizer_path=clip_text.SHAPES_BPE_PATH,
+                          vqgan_dir=tmp_path)
+    loaded, _ = emage.load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config.colours == 7
+    again = loaded.generate(text, steps=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tokens, again)
+
+
+def test_factored_config_must_divide_the_codebook():
+    with pytest.raises(emage.EmageError, match="colours"):
+        factored_model(colours=7, patterns=5, codebook_size=36)
+
+
+def test_factored_model_and_pattern_decoder_export_to_onnx(tmp_path):
+    decoder = fitted_quantizer([np.ones((8, 8), dtype=bool)])  # 7 colours x 2 patterns
+    model = factored_model(patterns=2).eval()
+    export_onnx.export_graphs(model, decoder, tmp_path)
+    diffs = export_onnx.check_graphs(model, decoder, tmp_path)
+    assert max(diffs.values()) <= export_onnx.TOLERANCE
+
+
+def test_shapes_source_records_its_alignment():
+    import data
+    assert data.ShapesSource(5, seed=1).description == "shapes(num=5, seed=1)"
+    assert data.ShapesSource(5, seed=1, align=8).description == "shapes(num=5, seed=1, align=8)"
+    caption, image = data.shapes_example(4, 2, align=8)
+    assert caption == data.shapes_example(4, 2)[0] and shapes.score(np.asarray(image), caption)
