@@ -63,11 +63,11 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 
-def shapes_example(seed: int, index: int, align: int = 1):
+def shapes_example(seed: int, index: int, align: int = 1, jitter: bool = True):
     """The `index`-th example of the shapes stream with this seed: (caption, 64x64 PIL image).
 
-    align > 1 renders it with every object's corner on multiples of `align` px
-    (shapes.render); the caption is the same as with align = 1.
+    align > 1 renders it with every object's corner on multiples of `align` px, and
+    jitter=False without size jitter (shapes.render); the caption stays the same.
 
     Each example has its own random.Random, seeded from (seed, index), so any example can
     be produced without the ones before it (resuming, splitting between ranks), and
@@ -82,7 +82,7 @@ def shapes_example(seed: int, index: int, align: int = 1):
         caption = shapes.sample_caption(rng, "train")
         if not shapes.is_novel(caption):
             break
-    return caption, shapes.render(caption, rng.randrange(2**31), align)
+    return caption, shapes.render(caption, rng.randrange(2**31), align, jitter)
 
 
 class ShapesStream:
@@ -113,13 +113,14 @@ class ShapesStream:
 class ShapesSource:
     """`num` examples of the shapes stream (deterministic in seed)."""
 
-    def __init__(self, num: int, seed: int = 0, align: int = 1):
+    def __init__(self, num: int, seed: int = 0, align: int = 1, jitter: bool = True):
         if num <= 0:
             raise DataError(f"--examples must be positive for the shapes source, got {num}")
         if not 1 <= align <= 8:
             raise DataError(f"--shapes-align must be between 1 and 8 px, got {align}")
-        self.num, self.seed, self.align = num, seed, align
-        self.description = f"shapes(num={num}, seed={seed})" if align == 1 else f"shapes(num={num}, seed={seed}, align={align})"
+        self.num, self.seed, self.align, self.jitter = num, seed, align, jitter
+        options = (f", align={align}" if align != 1 else "") + ("" if jitter else ", jitter=False")
+        self.description = f"shapes(num={num}, seed={seed}{options})"
 
     def __len__(self) -> int:
         return self.num
@@ -129,7 +130,7 @@ class ShapesSource:
             yield f"{index:09d}", (lambda index=index: self._load(index))
 
     def _load(self, index: int):
-        caption, image = shapes_example(self.seed, index, self.align)
+        caption, image = shapes_example(self.seed, index, self.align, self.jitter)
         return caption, lambda: image
 
 

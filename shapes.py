@@ -288,13 +288,14 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
     return np.abs(xx - side / 2) <= half_width + 0.25
 
 
-def _draw_size(rng: random.Random, obj: Obj) -> int:
+def _draw_size(rng: random.Random, obj: Obj, jitter: bool = True) -> int:
     size = obj.size or rng.choice(tuple(SIZES))
-    return SIZES[size] + rng.randint(-SIZE_JITTER, SIZE_JITTER)
+    jittered = SIZES[size] + rng.randint(-SIZE_JITTER, SIZE_JITTER)  # drawn either way: same stream
+    return jittered if jitter else SIZES[size]
 
 
-def _place(rng: random.Random, caption: Caption, align: int = 1) -> list[Box]:
-    sides = [_draw_size(rng, o) for o in caption.objects]
+def _place(rng: random.Random, caption: Caption, align: int = 1, jitter: bool = True) -> list[Box]:
+    sides = [_draw_size(rng, o, jitter) for o in caption.objects]
     corner = lambda side: align * rng.randint(0, (IMAGE_SIZE - side) // align)  # noqa: E731
     for _ in range(10_000):
         boxes = [Box(corner(s), corner(s), s) for s in sides]
@@ -306,20 +307,21 @@ def _place(rng: random.Random, caption: Caption, align: int = 1) -> list[Box]:
     raise AssertionError(f"could not place {caption}")  # unreachable for the grammar's sizes
 
 
-def render(caption: str | Caption, seed: int, align: int = 1) -> Image.Image:
-    """Render a caption as a 64x64 RGB image; the same (caption, seed, align) gives the same pixels.
+def render(caption: str | Caption, seed: int, align: int = 1, jitter: bool = True) -> Image.Image:
+    """Render a caption as a 64x64 RGB image; the same arguments give the same pixels.
 
     align > 1 puts every bounding box's top-left corner on multiples of `align` px (8 = the
-    token grid of the shapes tokenizer): still an image of this world, passing the scorer,
-    but each object then falls on the token grid the same way every time (see train.py
-    --shapes-align). align = 1 is the free placement of SHAPES.md.
+    token grid of the shapes tokenizer), and jitter=False draws the sizes without their
+    +-1 px jitter. Either way the image stays in this world and passes the scorer, but
+    with both an object is the same block of tokens wherever it is (train.py
+    --shapes-align, --no-shapes-jitter). The defaults are SHAPES.md's free placement.
     """
     if not 1 <= align <= 8:
         raise ShapesError(f"align must be between 1 and 8 px, got {align}")
     parsed = parse(caption) if isinstance(caption, str) else caption
     rng = random.Random(f"{seed}:{parsed}")
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for obj, box in zip(parsed.objects, _place(rng, parsed, align)):
+    for obj, box in zip(parsed.objects, _place(rng, parsed, align, jitter)):
         mask = _shape_mask(obj.shape, box.side)
         canvas[box.y:box.y + box.side, box.x:box.x + box.side][mask] = COLORS[obj.color]
     return Image.fromarray(canvas, "RGB")

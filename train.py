@@ -164,7 +164,7 @@ class LossModule(nn.Module):
 def shapes_tokens(args, rank: int, world: int) -> Path:
     """The tokenised shapes set, built on first use (all ranks encode a share of the shards)."""
     out = Path(args.shapes_cache)
-    source = data.ShapesSource(args.shapes_examples, seed=args.shapes_seed, align=args.shapes_align)
+    source = data.ShapesSource(args.shapes_examples, seed=args.shapes_seed, align=args.shapes_align, jitter=args.shapes_jitter)
     vqgan_dir = args.vqgan or SHAPES_VQGAN
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
@@ -606,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes-align", type=int, default=1,
                    help="render the training images with every object's corner on multiples of this many px "
                         "(8 = the shapes tokenizer's token grid; 1 = SHAPES.md's free placement)")
+    p.add_argument("--shapes-jitter", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw object sizes with SHAPES.md's +-1 px jitter (--no-shapes-jitter: exactly 12 and 22 px)")
     p.add_argument("--shapes-cache", default=str(SHAPES_TOKENS), help="where the tokenised shapes set is kept")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's choice, one per core); "

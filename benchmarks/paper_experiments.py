@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -61,10 +62,12 @@ def latency(checkpoint: Path, **options) -> float:
     return statistics.median(times[1:])
 
 
-def evaluate(checkpoint: Path, seeds: int, **options) -> dict:
-    report = eval_fid.shapes_accuracy(checkpoint, seeds=seeds, progress=False, **options)
+def evaluate(checkpoint: Path, args, **options) -> dict:
+    """Accuracy over every evaluation caption (args.seeds each) at args.temperature, and the latency."""
+    options.setdefault("temperature", args.temperature)
+    report = eval_fid.shapes_accuracy(checkpoint, seeds=args.seeds, progress=False, **options)
     steps = options.get("steps", 16)
-    timing = {k: v for k, v in options.items() if k in ("steps", "schedule", "algorithm", "guidance_scale")}
+    timing = {k: v for k, v in options.items() if k in ("steps", "schedule", "algorithm", "guidance_scale", "temperature")}
     timing.setdefault("steps", steps)
     return {"seen": report["seen"]["accuracy"], "novel": report["novel"]["accuracy"],
             "all": report["all"]["accuracy"], "count": report["all"]["count"],
@@ -90,7 +93,7 @@ def report(name: str, rows: list[dict], columns: list[str], command: str) -> Non
 def common_training(args) -> list[str]:
     lr = ["--lr", str(args.lr)] if args.lr is not None else []
     return ["--batch-size", str(args.batch_size), "--eval-every", str(args.steps), *lr] + \
-        [x for kv in args.set for x in ("--set", kv)]
+        [x for kv in args.set for x in ("--set", kv)] + shlex.split(args.train_args)
 
 
 def table3(args) -> list[dict]:
@@ -98,14 +101,14 @@ def table3(args) -> list[dict]:
     for variant in ("full", "1", "2", "3", "ar"):
         checkpoint = train_run(args.runs / f"table3-v{variant}", variant, args.steps, common_training(args), args.threads)
         steps = 1 if variant == "full" else args.eval_steps
-        result = evaluate(checkpoint, args.seeds, steps=steps)
+        result = evaluate(checkpoint, args, steps=steps)
         rows.append({"model": {"full": "fully NAR", "ar": "autoregressive"}.get(variant, f"#{variant}"),
                      "rounds": steps if variant != "ar" else "n (one per token)", **result})
     return rows
 
 
 def table6(args) -> list[dict]:
-    return [{"T": steps, **evaluate(args.checkpoint, args.seeds, steps=steps)} for steps in (1, 2, 4, 8, 16, 32)]
+    return [{"T": steps, **evaluate(args.checkpoint, args, steps=steps)} for steps in (1, 2, 4, 8, 16, 32)]
 
 
 def schedules(args) -> list[dict]:
@@ -117,12 +120,12 @@ def schedules(args) -> list[dict]:
         checkpoint = train_run(args.runs / name, "3", args.steps, extra, args.threads)
         for inference in ("linear", "cosine"):
             rows.append({"train": train_schedule, "inference": inference,
-                         **evaluate(checkpoint, args.seeds, steps=args.eval_steps, schedule=inference)})
+                         **evaluate(checkpoint, args, steps=args.eval_steps, schedule=inference)})
     return rows
 
 
 def guidance(args) -> list[dict]:
-    return [{"guidance": scale, **evaluate(args.checkpoint, args.seeds, steps=args.eval_steps, guidance_scale=scale)}
+    return [{"guidance": scale, **evaluate(args.checkpoint, args, steps=args.eval_steps, guidance_scale=scale)}
             for scale in (1.0, 1.5, 2.0, 3.0, 5.0)]
 
 
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every model (default: train.py's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="EmageConfig override passed to train.py for every model")
+    parser.add_argument("--train-args", default="",
+                        help="further train.py flags for every model, in one quoted string (data, tokenizer, cache)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature at evaluation")
     parser.add_argument("--eval-steps", type=int, default=16, help="rounds T when evaluating iterative models")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per evaluation caption")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for training")

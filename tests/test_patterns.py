@@ -99,6 +99,16 @@ def test_aligned_renders_put_corners_on_the_grid_and_still_pass():
         shapes.render("a red circle", 0, align=0)
 
 
+def test_renders_without_jitter_have_the_exact_sizes():
+    sides = set()
+    for seed in range(40):
+        for d in shapes.detect(np.asarray(shapes.render("a red square to the left of a blue square", seed, 8, jitter=False))):
+            sides.add((d.bbox[2] - d.bbox[0] + 1, d.bbox[3] - d.bbox[1] + 1))
+    assert sides == {(12, 12), (22, 22)}
+    jittered = {shapes.detect(np.asarray(shapes.render("a large red square", s)))[0].bbox[2:] for s in range(40)}
+    assert len(jittered) > 1  # the default keeps SHAPES.md's jitter
+
+
 def factored_model(colours=7, patterns=5, codebook_size=None):
     torch.manual_seed(0)
     text = clip_text.TextConfig(vocab_size=clip_text.SHAPES_VOCAB_SIZE, context_length=24, width=32, heads=2,
@@ -161,5 +171,6 @@ def test_shapes_source_records_its_alignment():
     import data
     assert data.ShapesSource(5, seed=1).description == "shapes(num=5, seed=1)"
     assert data.ShapesSource(5, seed=1, align=8).description == "shapes(num=5, seed=1, align=8)"
+    assert data.ShapesSource(5, seed=1, align=8, jitter=False).description == "shapes(num=5, seed=1, align=8, jitter=False)"
     caption, image = data.shapes_example(4, 2, align=8)
     assert caption == data.shapes_example(4, 2)[0] and shapes.score(np.asarray(image), caption)
