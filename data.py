@@ -51,7 +51,7 @@ import vqgan
 FORMAT = "emage-token-shards"  # meta.json "format"; bump VERSION when the layout changes
 VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what folder and tar sources read
-DEFAULT_VQGAN = Path(__file__).resolve().parent / "checkpoints" / "shapes" / "vqgan"
+DEFAULT_VQGAN = Path(__file__).resolve().parent / "checkpoints" / "shapes" / "patterns"
 
 
 class DataError(ValueError):

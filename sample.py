@@ -39,6 +39,9 @@ from PIL import Image, PngImagePlugin
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
+# Sampling defaults: the best of the README's sweep on the shapes demo (T = 16).
+DEFAULT_TEMPERATURE = 0.7  # token sampling temperature; 1 draws from the model as it is
+DEFAULT_GUIDANCE = 1.5  # classifier-free guidance scale; 1 turns it off and halves the work per round
 MAX_STEPS = 1024  # more rounds than any grid has tokens is never useful
 
 
@@ -77,6 +80,12 @@ class Pipeline:
     def knows_only_shapes(self) -> bool:
         train_args = self.info.get("extra", {}).get("train_args", {})
         return str(train_args.get("data", "shapes")) == "shapes"
+
+    @property
+    def render_options(self) -> dict:
+        """shapes.render's align/jitter of the images the model was trained on (SHAPES.md's defaults if unrecorded)."""
+        train_args = self.info.get("extra", {}).get("train_args", {})
+        return {"align": int(train_args.get("shapes_align", 1)), "jitter": bool(train_args.get("shapes_jitter", True))}
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -319,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=16, help="mask-predict rounds T (the paper uses 16)")
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "linear"),
                         help="inference masking schedule tau() (Section 4.7: cosine is better)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (0 = argmax)")
-    parser.add_argument("--guidance", type=float, default=1.5,
-                        help="classifier-free guidance scale (1 = off); 1.5 was the best of the README's sweep on the shapes demo")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="token sampling temperature (0 = argmax); the default was the best of the README's sweep")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale (1 = off); the default was the best of the README's sweep")
     parser.add_argument("--negative-prompt", help="caption to steer away from (used with --guidance > 1)")
     parser.add_argument("--algorithm", choices=("1", "3", "full", "ar"),
                         help="decoding algorithm (default: the one the checkpoint was trained for)")

@@ -1,8 +1,10 @@
 """Train an Emage generator: `python train.py --variant 3`, on one CPU or many GPUs.
 
 With no --data it trains on the shapes world (SHAPES.md): the first run tokenises a
-shapes set once with the committed shapes VQGAN into `data/shapes-tokens`, then reads it
-memory-mapped. With --data DIR it reads token shards written by `python data.py prepare`.
+shapes set once with the committed shapes tokenizer into `data/shapes-tokens`, then reads
+it memory-mapped. By default its objects sit on the 8-px token grid at their exact sizes
+(--shapes-align 8 --no-shapes-jitter, see the README); --shapes-align 1 --shapes-jitter
+gives SHAPES.md's free placement. With --data DIR it reads token shards written by `python data.py prepare`.
 
     python train.py --variant 3                                       shapes world, CPU
     python train.py --variant 3 --preset paper --data DIR --text-init CLIP
@@ -50,7 +52,7 @@ import vqgan
 from clip_text import SHAPES_BPE_PATH, ClipTextError, Tokenizer
 
 ROOT = Path(__file__).resolve().parent
-SHAPES_VQGAN = ROOT / "checkpoints" / "shapes" / "vqgan"
+SHAPES_VQGAN = ROOT / "checkpoints" / "shapes" / "patterns"  # the demo's colour-factored tokenizer
 SHAPES_TOKENS = ROOT / "data" / "shapes-tokens"
 
 # Per-preset training defaults (flags left unset take these). The paper's recipe is
@@ -603,11 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-captions", type=int, default=16, help="captions generated at each evaluation")
     p.add_argument("--shapes-examples", type=int, default=30_000, help="examples in the tokenised shapes set built on first use")
     p.add_argument("--shapes-seed", type=int, default=0, help="seed of that shapes set")
-    p.add_argument("--shapes-align", type=int, default=1,
+    p.add_argument("--shapes-align", type=int, default=8,
                    help="render the training images with every object's corner on multiples of this many px "
-                        "(8 = the shapes tokenizer's token grid; 1 = SHAPES.md's free placement)")
-    p.add_argument("--shapes-jitter", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw object sizes with SHAPES.md's +-1 px jitter (--no-shapes-jitter: exactly 12 and 22 px)")
+                        "(8 = the token grid, the demo's; 1 = SHAPES.md's free placement)")
+    p.add_argument("--shapes-jitter", action=argparse.BooleanOptionalAction, default=False,
+                   help="draw object sizes with SHAPES.md's +-1 px jitter (the demo trains without: exactly 12 and 22 px)")
     p.add_argument("--shapes-cache", default=str(SHAPES_TOKENS), help="where the tokenised shapes set is kept")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's choice, one per core); "

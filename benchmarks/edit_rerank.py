@@ -9,7 +9,8 @@ shapes CLIP (`clip_image.load_reranker`) and the best one is scored by `shapes.s
 (SHAPES.md). The same draws serve every C, so the columns differ only by re-ranking.
 "any of C" is the upper bound a perfect re-ranker would reach.
 
-region-edit: a two-object evaluation caption is rendered (`shapes.render`, seed s), the
+region-edit: a two-object evaluation caption is rendered (`shapes.render`, seed s, placed
+as the model's training images were: `Pipeline.render_options`), the
 second object is found by the scorer's detector, a different object is asked for in its
 place ("a red circle above a blue square" -> "a red circle above a green triangle"), the
 cells of its bounding box (2 px margin) are redrawn with sample.py's editing path
@@ -53,7 +54,8 @@ def rerank(args) -> dict:
             batch = captions[k:k + args.batch_size]
             generator = torch.Generator().manual_seed(s * 1_000_003 + k // args.batch_size)
             images = eval_fid.generate_images(model, tokenizer, vq, batch, generator, num_candidates=most,
-                                              steps=args.steps).reshape(len(batch), most, 64, 64, 3)
+                                              steps=args.steps, temperature=args.temperature,
+                                              guidance_scale=args.guidance).reshape(len(batch), most, 64, 64, 3)
             for caption, group in zip(batch, images):
                 scores = reranker(group, caption)  # (most,)
                 ok = [shapes.score(Image.fromarray(im), caption) for im in group]
@@ -92,7 +94,7 @@ def region_edit(args) -> dict:
     cases = []
     for s in range(args.seeds):
         original = shapes.parse(two[s % len(two)])
-        image = shapes.render(original, s)
+        image = shapes.render(original, s, **pipe.render_options)  # the kind of image the model was trained on
         target = next(d for d in shapes.detect(image) if d.matches(original.objects[1]))
         x0, y0, x1, y1 = target.bbox  # inclusive
         region = (max(x0 - 2, 0), max(y0 - 2, 0), min(x1 + 3, 64), min(y1 + 3, 64))
@@ -103,7 +105,8 @@ def region_edit(args) -> dict:
     keep = torch.stack([k for _, _, k in cases])  # (S, n)
     generator = torch.Generator().manual_seed(0)
     tokens = pipe.model.generate(pipe.text_tokens([c for c, _, _ in cases]), steps=args.steps, init_tokens=init,
-                                 keep_mask=keep, generator=generator)
+                                 keep_mask=keep, generator=generator, temperature=args.temperature,
+                                 guidance_scale=args.guidance)
     outputs = pipe.decode(tokens)
     results = [{"caption": c, "seed": s, "passed": bool(shapes.score(out, c)), "cells_redrawn": int((~k).sum())}
                for s, ((c, _, k), out) in enumerate(zip(cases, outputs))]
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
         p.add_argument("--steps", type=int, default=16, help="mask-predict rounds T")
         p.add_argument("--seeds", type=int, default=1 if p.prog.endswith("rerank") else 100, help="seeds")
         p.add_argument("--threads", type=int, default=1, help="CPU threads")
+        p.add_argument("--temperature", type=float, default=sample.DEFAULT_TEMPERATURE, help="token sampling temperature")
+        p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = args.run(args)

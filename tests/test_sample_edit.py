@@ -176,8 +176,9 @@ def test_reranking_keeps_the_argmax_of_the_clip_similarity(tiny, pipe, tmp_path,
                         "--seed", "4", "--num-images", "2", "--candidates", "3", "--clip", str(tiny / "clip"),
                         "--upscale", "1", "--device", "cpu"])
     assert code == 0
-    guidance = sample.build_parser().get_default("guidance")
-    candidates = pipe.decode(pipe.generate(PROMPT, seed=4, num_images=6, steps=3, guidance_scale=guidance))  # the same 2 x 3 draws
+    defaults = sample.build_parser().get_default
+    candidates = pipe.decode(pipe.generate(PROMPT, seed=4, num_images=6, steps=3, guidance_scale=defaults("guidance"),
+                                           temperature=defaults("temperature")))  # the same 2 x 3 draws
     reranker = clip_image.load_reranker(tiny / "clip")
     for i in range(2):
         group = np.stack([np.asarray(c) for c in candidates[3 * i:3 * i + 3]])

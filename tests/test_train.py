@@ -199,10 +199,12 @@ def test_shapes_default_tokenises_once_then_reuses_the_cache(shards, tmp_path, c
     common = ["--vqgan", str(shards / "vqgan"), "--shapes-cache", str(cache), "--shapes-examples", "40",
               "--steps", "1", "--batch-size", "4", "--eval-every", "1000", *TINY]
     assert train.main(["--out", str(tmp_path / "a"), *common]) == 0
-    assert data.TokenShards(cache).meta["source"] == "shapes(num=40, seed=0)"
+    assert data.TokenShards(cache).meta["source"] == "shapes(num=40, seed=0, align=8, jitter=False)"  # the demo's renders
     stamp = (cache / "meta.json").stat().st_mtime_ns
     assert train.main(["--out", str(tmp_path / "b"), *common]) == 0
     assert (cache / "meta.json").stat().st_mtime_ns == stamp  # not tokenised again
     capsys.readouterr()
     assert train.main(["--out", str(tmp_path / "c"), *common, "--shapes-examples", "41"]) == 1
     assert "match --shapes-examples" in capsys.readouterr().err
+    assert train.main(["--out", str(tmp_path / "d"), *common, "--shapes-align", "1", "--shapes-jitter"]) == 1
+    assert "shapes(num=40, seed=0)" in capsys.readouterr().err  # SHAPES.md's free placement is another set
