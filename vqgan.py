@@ -755,8 +755,13 @@ def cmd_eval(args) -> None:
     import vqgan_shapes
     model = load_vqgan(args.checkpoint).to(args.device)
     start = time.time()
-    report = vqgan_shapes.reconstruction_report(model, seeds=args.seeds, device=args.device)
+    render = {"align": args.align, "jitter": args.jitter}
+    report = vqgan_shapes.reconstruction_report(model, seeds=args.seeds, device=args.device, **render)
     print(vqgan_shapes.format_report(report) + f"  ({time.time() - start:.1f} s)")
+    if args.unseen_codes:
+        r = vqgan_shapes.unseen_codes(model.cpu(), args.unseen_codes, seeds=args.seeds, **render)
+        print(f"{r['needing_unseen_code']} of {r['novel_images']} novel evaluation images need a code that none of "
+              f"{r['train_images']} training renders produce ({r['codes_seen_in_training']} codes seen)")
 
 
 def cmd_train(args) -> None:
@@ -790,6 +795,10 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval", help="shapes reconstruction pass rate and codebook usage", formatter_class=formatter)
     ev.add_argument("--checkpoint", default="checkpoints/shapes/vqgan", help="VQGAN directory")
     ev.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS), help="render seeds per evaluation caption")
+    ev.add_argument("--align", type=int, default=1, help="render objects with corners on multiples of this many px")
+    ev.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True, help="SHAPES.md's +-1 px size jitter")
+    ev.add_argument("--unseen-codes", type=int, default=0, metavar="N",
+                    help="also count the novel evaluation images that need a code absent from N training renders")
     ev.add_argument("--device", default="cpu", help="torch device")
     ev.set_defaults(run=cmd_eval)
 

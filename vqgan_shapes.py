@@ -22,19 +22,38 @@ from vqgan import (TRAIN_STATE_NAME, VQGAN, VQGANConfig, VQGANError, atomic_writ
 EVAL_SEEDS = (0, 1)
 
 
-def shapes_eval_set(seeds=EVAL_SEEDS) -> tuple[list[str], np.ndarray]:
-    """(captions, images (N, 64, 64, 3) uint8) for every evaluation caption and seed."""
+def shapes_eval_set(seeds=EVAL_SEEDS, **render) -> tuple[list[str], np.ndarray]:
+    """(captions, images (N, 64, 64, 3) uint8) for every evaluation caption and seed (render: align, jitter)."""
     import shapes
     captions = [c for c in shapes.eval_captions() for _ in seeds]
-    images = np.stack([np.asarray(shapes.render(c, s)) for c in shapes.eval_captions() for s in seeds])
+    images = np.stack([np.asarray(shapes.render(c, s, **render)) for c in shapes.eval_captions() for s in seeds])
     return captions, images
 
 
 @torch.no_grad()
-def reconstruction_report(model: VQGAN, seeds=EVAL_SEEDS, batch_size: int = 64, device: str = "cpu") -> dict:
+def unseen_codes(model: VQGAN, train_images: int, seeds=EVAL_SEEDS, batch_size: int = 500, **render) -> dict:
+    """How many novel evaluation images (held-out pairs, SHAPES.md) need a code that none of
+    `train_images` training renders produce: codes a generator never sees in training."""
+    import shapes
+    seen = torch.zeros(model.config.n_embed, dtype=torch.bool)
+    rng = random.Random(f"unseen:{train_images}")
+    for start in range(0, train_images, batch_size):
+        batch = [shapes.render(shapes.sample_caption(rng, "train"), rng.randrange(2 ** 31), **render)
+                 for _ in range(min(batch_size, train_images - start))]
+        seen[model.encode(to_tensor(np.stack([np.asarray(b) for b in batch]))).flatten()] = True
+    captions, images = shapes_eval_set(seeds, **render)
+    novel = np.array([shapes.is_novel(c) for c in captions])
+    tokens = model.encode(to_tensor(images[novel])).flatten(1)  # (N, n)
+    needs = (~seen[tokens]).any(1)
+    return {"novel_images": int(novel.sum()), "needing_unseen_code": int(needs.sum()),
+            "codes_seen_in_training": int(seen.sum()), "train_images": train_images}
+
+
+@torch.no_grad()
+def reconstruction_report(model: VQGAN, seeds=EVAL_SEEDS, batch_size: int = 64, device: str = "cpu", **render) -> dict:
     """How many reconstructions of the shapes evaluation images still pass shapes.score, and codebook usage."""
     import shapes
-    captions, images = shapes_eval_set(seeds)
+    captions, images = shapes_eval_set(seeds, **render)
     model.eval()
     passed, counts = [], torch.zeros(model.config.n_embed, dtype=torch.long)
     for start in range(0, len(images), batch_size):

@@ -9,6 +9,7 @@ batch-1 latency measured in the same process (median of 5 after a warm-up).
     python benchmarks/paper_experiments.py table6      # Table 6: #3 with T in {1, 2, 4, 8, 16, 32}
     python benchmarks/paper_experiments.py schedules   # Section 4.7 / Fig. 4: linear vs cosine, train and inference
     python benchmarks/paper_experiments.py guidance    # beyond the paper: classifier-free guidance sweep
+    python benchmarks/paper_experiments.py temperature # beyond the paper: token sampling temperature sweep
 
 Models of one table share model size, batch and number of steps. Training runs
 live in --runs (resumable: a finished run is reused); results are printed as a
@@ -129,11 +130,18 @@ def guidance(args) -> list[dict]:
             for scale in (1.0, 1.5, 2.0, 3.0, 5.0)]
 
 
+def temperature(args) -> list[dict]:
+    return [{"temperature": t, **evaluate(args.checkpoint, args, steps=args.eval_steps, temperature=t,
+                                          guidance_scale=args.guidance)}
+            for t in (1.0, 0.85, 0.7, 0.5, 0.3)]
+
+
 TABLES = {
     "table3": (table3, ["model", "rounds", "seen", "novel", "all", "latency_s"]),
     "table6": (table6, ["T", "seen", "novel", "all", "latency_s"]),
     "schedules": (schedules, ["train", "inference", "seen", "novel", "all", "latency_s"]),
     "guidance": (guidance, ["guidance", "seen", "novel", "all", "latency_s"]),
+    "temperature": (temperature, ["temperature", "seen", "novel", "all", "latency_s"]),
 }
 
 
@@ -151,7 +159,9 @@ def main(argv=None) -> int:
                         help="EmageConfig override passed to train.py for every model")
     parser.add_argument("--train-args", default="",
                         help="further train.py flags for every model, in one quoted string (data, tokenizer, cache)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature at evaluation")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="token sampling temperature at evaluation (the temperature table sweeps it)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale of the temperature table")
     parser.add_argument("--eval-steps", type=int, default=16, help="rounds T when evaluating iterative models")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per evaluation caption")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for training")

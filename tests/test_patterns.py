@@ -174,3 +174,12 @@ def test_shapes_source_records_its_alignment():
     assert data.ShapesSource(5, seed=1, align=8, jitter=False).description == "shapes(num=5, seed=1, align=8, jitter=False)"
     caption, image = data.shapes_example(4, 2, align=8)
     assert caption == data.shapes_example(4, 2)[0] and shapes.score(np.asarray(image), caption)
+
+
+def test_held_out_pairs_need_codes_that_training_renders_never_produce():
+    """Every novel evaluation image holds a held-out pair, whose colour-pattern codes the
+    train split (which excludes those pairs) can never produce."""
+    model = vqgan.load_vqgan(PATTERNS)
+    report = vqgan_shapes.unseen_codes(model, 300, seeds=(0,), align=8, jitter=False)
+    assert report["needing_unseen_code"] == report["novel_images"] == 80
+    assert 20 < report["codes_seen_in_training"] < model.config.n_embed
