@@ -127,7 +127,7 @@ def schedules(args) -> list[dict]:
 
 def guidance(args) -> list[dict]:
     return [{"guidance": scale, **evaluate(args.checkpoint, args, steps=args.eval_steps, guidance_scale=scale)}
-            for scale in (1.0, 1.5, 2.0, 3.0, 5.0)]
+            for scale in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)]
 
 
 def temperature(args) -> list[dict]:
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run, columns = TABLES[args.table]
-    command = "python benchmarks/paper_experiments.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/paper_experiments.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report(args.table, run(args), columns, command.strip())
     return 0
 
