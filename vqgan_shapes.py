@@ -36,11 +36,9 @@ def unseen_codes(model: VQGAN, train_images: int, seeds=EVAL_SEEDS, batch_size: 
     `train_images` training renders produce: codes a generator never sees in training."""
     import shapes
     seen = torch.zeros(model.config.n_embed, dtype=torch.bool)
-    rng = random.Random(f"unseen:{train_images}")
-    for start in range(0, train_images, batch_size):
-        batch = [shapes.render(shapes.sample_caption(rng, "train"), rng.randrange(2 ** 31), **render)
-                 for _ in range(min(batch_size, train_images - start))]
-        seen[model.encode(to_tensor(np.stack([np.asarray(b) for b in batch]))).flatten()] = True
+    for step, start in enumerate(range(0, train_images, batch_size)):
+        batch = shapes_batch(0, step, min(batch_size, train_images - start), **render)
+        seen[model.encode(to_tensor(batch)).flatten()] = True
     captions, images = shapes_eval_set(seeds, **render)
     novel = np.array([shapes.is_novel(c) for c in captions])
     tokens = model.encode(to_tensor(images[novel])).flatten(1)  # (N, n)
@@ -83,11 +81,12 @@ def format_report(report: dict) -> str:
             f"token grid {report['grid'][0]}x{report['grid'][1]}")
 
 
-def shapes_batch(seed: int, step: int, batch_size: int) -> np.ndarray:
-    """A batch of training-split renders, determined by (seed, step) so a resumed run sees the same data."""
+def shapes_batch(seed: int, step: int, batch_size: int, **render) -> np.ndarray:
+    """A batch of training-split renders, determined by (seed, step) so a resumed run sees the
+    same data (render: shapes.render's align and jitter)."""
     import shapes
     rng = random.Random(f"vqgan:{seed}:{step}")
-    return np.stack([np.asarray(shapes.render(shapes.sample_caption(rng, "train"), rng.randrange(2 ** 31)))
+    return np.stack([np.asarray(shapes.render(shapes.sample_caption(rng, "train"), rng.randrange(2 ** 31), **render))
                      for _ in range(batch_size)])
 
 
