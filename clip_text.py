@@ -279,6 +279,7 @@ class TextConfig:
     heads: int = 12  # attention heads; width must be divisible by heads
     layers: int = 12  # residual blocks
     embed_dim: int = 768  # size P of the pooled output after the text projection
+    causal: bool = True  # CLIP's mask; False: every token sees the whole caption (for towers trained from scratch)
 
     @classmethod
     def vit_b32(cls) -> "TextConfig":
@@ -371,10 +372,11 @@ class Transformer(nn.Module):
 class TextEncoder(nn.Module):
     """CLIP's text tower: tokens[B, L] -> (states[B, L, width], pooled[B, embed_dim]).
 
-    Attention is causal, so the states of the caption's tokens never see the padding after
-    the end token. `pooled` is the final state at the end token, found as `tokens.argmax(-1)`
-    because the end token has the largest id of the vocabulary, times the projection:
-    exactly CLIP's `encode_text`. Parameter names mirror OpenAI's checkpoint one to one.
+    Attention is causal as in CLIP, so the states of the caption's tokens never see the
+    padding after the end token. With config.causal False every token sees the whole caption
+    (a word sees the words after it) and the padding is masked out. `pooled` is the final
+    state at the end token, found as `tokens.argmax(-1)` because the end token has the
+    largest id of the vocabulary, times the projection: exactly CLIP's `encode_text`. Parameter names mirror OpenAI's checkpoint one to one.
     """
 
     def __init__(self, config: TextConfig):
@@ -406,6 +408,16 @@ class TextEncoder(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=c.width**-0.5)
 
+    def attention_mask(self, end: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask: causal [L, L] (CLIP's build_attention_mask), or [B, 1, L, L] hiding the padding."""
+        position = torch.arange(L, device=end.device)
+        if self.config.causal:
+            hidden = position[None, :] > position[:, None]  # (L, L) token i attends to tokens 0..i
+        else:
+            hidden = (position[None, :] > end[:, None])[:, None, None, :]  # (B, 1, 1, L) keys after the end token
+            hidden = hidden.expand(-1, 1, L, -1)  # (B, 1, L, L)
+        return torch.zeros(hidden.shape, dtype=dtype, device=end.device).masked_fill(hidden, float("-inf"))
+
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L = tokens.shape
         if L > self.config.context_length:
@@ -414,11 +426,9 @@ class TextEncoder(nn.Module):
                 f"tokenize with context_length={self.config.context_length}"
             )
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, D)
-        # -inf above the diagonal: token i attends to tokens 0..i (CLIP's build_attention_mask).
-        mask = torch.full((L, L), float("-inf"), dtype=x.dtype, device=x.device).triu(1)  # (L, L)
-        x = self.transformer(x, mask)  # (B, L, D)
-        states = self.ln_final(x)  # (B, L, D)
         end = tokens.argmax(dim=-1)  # (B,) position of the end token
+        x = self.transformer(x, self.attention_mask(end, L, x.dtype))  # (B, L, D)
+        states = self.ln_final(x)  # (B, L, D)
         pooled = states[torch.arange(B, device=tokens.device), end] @ self.text_projection  # (B, P)
         return states, pooled
 

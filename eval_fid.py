@@ -400,7 +400,9 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
                     device="cpu", save_dir=None, progress: bool = True, **generate_kw) -> dict:
     """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
 
-    Returns shapes.accuracy_report(...) plus 'results': [{'caption', 'seed', 'passed'}].
+    Returns shapes.accuracy_report(...) plus 'failures' (shapes.failure_report: per split, the
+    fraction failing by each kind of shapes.FAILURE_KINDS) and 'results':
+    [{'caption', 'seed', 'passed', 'failure'}].
     Seed s runs the captions in batches with a generator seeded by (s, batch index).
     """
     import shapes
@@ -417,11 +419,12 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
         batch = captions[k:k + batch_size]
         images = generate_images(model, tokenizer, vq, batch, generator, **generate_kw)  # (B, 64, 64, 3)
         for j, (caption, rgb) in enumerate(zip(batch, images)):
-            passed = shapes.score(Image.fromarray(rgb), caption)
-            results.append({"caption": caption, "seed": s, "passed": bool(passed)})
+            result = shapes.score_details(Image.fromarray(rgb), caption)
+            results.append({"caption": caption, "seed": s, "passed": result.passed, "failure": result.kind})
             if save_dir is not None:
                 _write_png(Path(save_dir) / f"s{s}_{k + j:04d}.png", rgb, {"caption": caption, "seed": s})
     report = shapes.accuracy_report([(r["caption"], r["passed"]) for r in results])
+    report["failures"] = shapes.failure_report([(r["caption"], r["failure"]) for r in results])
     report["results"] = results
     report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
                           "seeds": seeds, **{k: v for k, v in generate_kw.items() if v is not None}}
@@ -534,6 +537,8 @@ def cmd_shapes(args) -> None:
     summary = {k: report[k] for k in ("seen", "novel", "all")}
     print(f"shapes accuracy ({len(captions)} captions x {args.seeds} seeds, T={args.steps}): "
           + shapes.format_report(summary))
+    for split, kinds in report["failures"].items():
+        print(f"  {split} failures: " + ", ".join(f"{kind} {share:.3f}" for kind, share in kinds.items()))
     if args.json:
         _write_json(args.json, report)
 

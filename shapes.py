@@ -349,11 +349,25 @@ class Detection:
         return self.color == obj.color and self.shape == obj.shape and obj.size in (None, self.size)
 
 
+# What went wrong, by kind (ScoreResult.kind), in the order score_details tests them.
+FAILURE_KINDS = {
+    "count": "too many or too few objects",
+    "binding": "the caption's colours and shapes are all there, paired the other way",
+    "colour": "an object has a colour the caption does not ask for (its shape may be off too)",
+    "shape": "an object has a shape the caption does not ask for",
+    "size": "colour and shape right, the size word wrong",
+    "swapped": "the right objects, in the opposite relation (A left of B drawn as B left of A)",
+    "relation": "the right objects, neither in the relation nor in its opposite",
+}
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     passed: bool
     detections: tuple[Detection, ...]
     reason: str  # why it failed, or "ok"
+    kind: str = "ok"  # a key of FAILURE_KINDS, or "ok"
 
 
 def _as_array(image) -> np.ndarray:
@@ -398,7 +412,7 @@ def score_details(image, caption: str | Caption) -> ScoreResult:
     parsed = parse(caption) if isinstance(caption, str) else caption
     found = tuple(detect(image))
     if len(found) != len(parsed.objects):
-        return ScoreResult(False, found, f"found {len(found)} objects, the caption has {len(parsed.objects)}")
+        return ScoreResult(False, found, f"found {len(found)} objects, the caption has {len(parsed.objects)}", "count")
     orders = [found] if len(found) == 1 else [found, found[::-1]]
     for order in orders:
         if not all(d.matches(o) for d, o in zip(order, parsed.objects)):
@@ -406,10 +420,24 @@ def score_details(image, caption: str | Caption) -> ScoreResult:
         if parsed.relation is None or relation_holds(order[0].centre, order[1].centre,
                                                      parsed.relation, SCORE_MARGIN):
             return ScoreResult(True, found, "ok")
-        return ScoreResult(False, found, f"objects found but not {parsed.relation} each other")
+        swapped = relation_holds(order[0].centre, order[1].centre, OPPOSITE[parsed.relation], SCORE_MARGIN)
+        return ScoreResult(False, found, f"objects found but not {parsed.relation} each other",
+                           "swapped" if swapped else "relation")
     wanted = ", ".join(str(o) for o in parsed.objects)
     got = ", ".join(f"a {d.size} {d.color} {d.shape}" for d in found)
-    return ScoreResult(False, found, f"wanted {wanted}; found {got}")
+    return ScoreResult(False, found, f"wanted {wanted}; found {got}", _attribute_failure(found, parsed.objects))
+
+
+def _attribute_failure(found: tuple[Detection, ...], objects: tuple[Obj, ...]) -> str:
+    """Which attribute is off when no pairing of detections and objects matches."""
+    colours_right = sorted(d.color for d in found) == sorted(o.color for o in objects)
+    shapes_right = sorted(d.shape for d in found) == sorted(o.shape for o in objects)
+    pairs_right = sorted((d.color, d.shape) for d in found) == sorted((o.color, o.shape) for o in objects)
+    if pairs_right:
+        return "size"
+    if colours_right and shapes_right:
+        return "binding"
+    return "shape" if colours_right else "colour"
 
 
 def score(image, caption: str | Caption) -> bool:
@@ -445,6 +473,15 @@ def accuracy_report(results: list[tuple[str, bool]]) -> dict:
     for split in ("seen", "novel", "all"):
         chosen = [ok for c, ok in results if split == "all" or is_novel(c) == (split == "novel")]
         report[split] = {"accuracy": sum(chosen) / len(chosen) if chosen else float("nan"), "count": len(chosen)}
+    return report
+
+
+def failure_report(results: list[tuple[str, str]]) -> dict:
+    """From (caption, ScoreResult.kind) pairs: per split, the fraction of pairs failing by each kind."""
+    report = {}
+    for split in ("seen", "novel"):
+        kinds = [kind for c, kind in results if is_novel(c) == (split == "novel")]
+        report[split] = {k: sum(kind == k for kind in kinds) / len(kinds) for k in FAILURE_KINDS} if kinds else {}
     return report
 
 

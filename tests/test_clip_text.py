@@ -1,6 +1,7 @@
 """clip_text on its own: tokenizer invariants, the BPE learner, the encoder's CLIP semantics,
 checkpoint round trips and the command line. Parity with reference implementations is in
 test_clip_text_oracle.py."""
+import dataclasses
 import gzip
 import json
 import random
@@ -185,6 +186,30 @@ def test_attention_is_causal_and_pooled_is_the_projected_end_state():
         short_states, short_pooled = model(tokens[:1, :5])
     torch.testing.assert_close(short_pooled, pooled[:1])
     torch.testing.assert_close(short_states, states[:1, :5])
+
+
+def test_bidirectional_tower_sees_later_words_but_never_the_padding(tmp_path):
+    torch.manual_seed(0)
+    model = clip_text.TextEncoder(dataclasses.replace(TINY, causal=False)).eval()
+    tokens = random_tokens(TINY, [8])  # end token at position 9
+    with torch.no_grad():
+        states, pooled = model(tokens)
+        later = tokens.clone()
+        later[:, 5] = (later[:, 5] + 1) % 500  # a word after position 2
+        states_later, _ = model(later)
+        padded = tokens.clone()
+        padded[:, 10:] = torch.randint(1, 500, (1, 6))  # garbage where the padding was
+        states_padded, pooled_padded = model(padded)
+    assert not torch.allclose(states[:, 2], states_later[:, 2])  # causal=True keeps these equal
+    torch.testing.assert_close(states_padded[:, :10], states[:, :10])
+    torch.testing.assert_close(pooled_padded, pooled)
+    # The option round-trips; a config written before it existed loads as CLIP's causal tower.
+    clip_text.save_clip_text(model, tmp_path / "ckpt")
+    assert clip_text.load_clip_text(tmp_path / "ckpt").config.causal is False
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del meta["config"]["causal"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    assert clip_text.load_clip_text(tmp_path / "ckpt").config.causal is True
 
 
 def test_too_many_positions_is_a_clear_error():

@@ -507,6 +507,7 @@ def test_shapes_accuracy_counts_seen_and_novel(tmp_path, tiny_checkpoint, monkey
     report = eval_fid.shapes_accuracy(tiny_checkpoint, captions, seeds=2, progress=False)
     assert [r["passed"] for r in report["results"]] == [True, False, True, False] * 2
     assert report["seen"] == {"accuracy": 2 / 3, "count": 6} and report["novel"] == {"accuracy": 0.0, "count": 2}
+    assert report["failures"]["seen"]["colour"] == 2 / 6 and report["failures"]["novel"]["colour"] == 1.0
 
 
 def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_features):

@@ -212,6 +212,23 @@ def test_scorer_on_damaged_images():
     assert not result.passed and "found 0 objects" in result.reason
 
 
+def test_failures_are_sorted_by_kind():
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[10:22, 10:22] = shapes.COLORS["red"]
+    image[40:52, 10:22][shapes._shape_mask("circle", 12)] = shapes.COLORS["blue"]  # below, same column
+    kinds = {caption: shapes.score_details(image, caption).kind for caption in [
+        "a red square above a blue circle", "a red square below a blue circle",
+        "a red square to the left of a blue circle", "a blue square above a red circle",
+        "a red triangle above a blue circle", "a green square above a blue circle",
+        "a large red square above a blue circle", "a red square"]}
+    assert list(kinds.values()) == ["ok", "swapped", "relation", "binding", "shape", "colour", "size", "count"]
+    assert set(kinds.values()) - {"ok"} == set(shapes.FAILURE_KINDS)
+    report = shapes.failure_report([("a red square", "ok"), ("a blue circle", "count"),
+                                    ("a green circle", "count"), ("a cyan circle", "binding")])
+    assert report["seen"]["count"] == 2 / 3 and report["seen"]["binding"] == 0
+    assert report["novel"]["binding"] == 1.0 and sum(report["novel"].values()) == 1.0
+
+
 def test_score_cli(tmp_path, capsys):
     captions = ["a red circle", "a yellow square above a green triangle", "a purple triangle"]
     for i, caption in enumerate(captions):
