@@ -30,8 +30,9 @@ on the host from one `torch.Generator` in this fixed order, B' = rows of the out
     generate, rounds t = 1..T:  u_token[B', n], then u_confidence[B', n]        (per round)
     generate, "ar":             u_token[B', n] once; column i samples token i
     loss:                       caption dropout u[B] (training with p > 0 only); mask 1:
-                                u_ratio[B], u_position[B, n]; pass-1 sampling u[B, n]
-                                (#2/#3 with pass1="sample" only); mask 2: u_ratio, u_position
+                                u_ratio[B], u_position[B, n] (then u_block[B, 5] when
+                                block_mask > 0); pass-1 sampling u[B, n] (#2/#3 with
+                                pass1="sample" only); mask 2: as mask 1
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class EmageConfig:
     caption_dropout: float = 0.0  # probability of training on the empty caption (for guidance); paper: 0
     relative_positions: bool = False  # learned 2D relative position bias in self-attention (beyond the paper, see SelfAttention)
     colours: int = 0  # > 0: code = colour * (codebook_size / colours) + pattern (vqgan.PatternQuantizer), see FactoredEmbedding
+    block_mask: float = 0.0  # probability that a training mask also hides a random block of tokens (beyond the paper, see block_mask)
 
     @property
     def n(self) -> int:
@@ -166,6 +168,8 @@ def _check_config(c: EmageConfig) -> None:
         raise EmageError(f"colours={c.colours} must be 0 or divide codebook_size={c.codebook_size}")
     if not 0.0 <= c.caption_dropout < 1.0:
         raise EmageError(f"caption_dropout must be in [0, 1), got {c.caption_dropout}")
+    if not 0.0 <= c.block_mask <= 1.0:
+        raise EmageError(f"block_mask must be a probability in [0, 1], got {c.block_mask}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,6 +229,29 @@ def random_mask(u_ratio: torch.Tensor, u_position: torch.Tensor, schedule: str) 
     k = torch.ceil((1 - mask_schedule(schedule, u_ratio)) * n).long().clamp(1, n)  # (B,)
     rank = u_position.argsort(-1).argsort(-1)  # (B, n): 0 for the smallest noise
     return rank < k[:, None]
+
+
+def block_mask(u_block: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Training masks that hide one random block of the token grid, in the rows chosen.
+
+    Beyond the paper. A uniformly random mask almost never hides all of one object while
+    showing the other, so placing an object relative to another ("A to the left of B")
+    earns little gradient; on the shapes world a #3 model trained 8,000 steps without this
+    gave the correct and the mirrored image the same likelihood. BEiT's blockwise masking
+    has the same aim for images. Row b gets a block iff u_block[b, 0] < p (the caller
+    compares, see loss); the block is 2..h//2 + 1 tokens high and 2..w//2 + 1 wide, at a
+    uniform position. u_block: [B, 5] uniform in [0, 1) (flag, height, width, top, left);
+    returns BoolTensor[B, h * w] without the flag applied.
+    """
+    (h, w), B = grid, u_block.shape[0]
+    sides = []
+    for u_side, u_start, size in ((u_block[:, 1], u_block[:, 3], h), (u_block[:, 2], u_block[:, 4], w)):
+        side = 2 + (u_side * (size // 2)).long()  # (B,) in 2..size//2 + 1
+        start = (u_start * (size - side + 1)).long()  # (B,)
+        index = torch.arange(size, device=u_block.device)
+        sides.append((index >= start[:, None]) & (index < (start + side)[:, None]))  # (B, size)
+    rows, cols = sides
+    return (rows[:, :, None] & cols[:, None, :]).reshape(B, h * w)
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0):
@@ -533,7 +560,14 @@ class Emage(nn.Module):
             raise EmageError(f"image tokens must be [batch, {c.n}] for grid {c.grid}, got {tuple(y.shape)}")
         B, dev = y.shape[0], y.device
         rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
-        masked = lambda: random_mask(rand(B), rand(B, c.n), c.train_schedule)  # noqa: E731
+
+        def masked():
+            mask = random_mask(rand(B), rand(B, c.n), c.train_schedule)
+            if c.block_mask > 0:
+                u_block = rand(B, 5)
+                mask = mask | (block_mask(u_block, c.grid) & (u_block[:, :1] < c.block_mask))
+            return mask
+
         if self.training and c.caption_dropout > 0:  # train the unconditional model too (guidance)
             drop = rand(B) < c.caption_dropout
             text_tokens = torch.where(drop[:, None], self.empty_caption(B, text_tokens.shape[1], dev), text_tokens)

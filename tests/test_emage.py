@@ -12,6 +12,7 @@ from emage import (
     Emage,
     EmageConfig,
     EmageError,
+    block_mask,
     commit_algorithm1,
     commit_algorithm3,
     commit_counts,
@@ -84,13 +85,18 @@ class Recorder:
         model.head.register_forward_hook(keep)
 
 
-def masks_from_seed(seed, batch, count, schedule="linear"):
-    """The training masks loss() draws: per masking, u_ratio[B] then u_position[B, n] (documented order)."""
+def masks_from_seed(seed, batch, count, schedule="linear", block_p=0.0):
+    """The training masks loss() draws: per masking, u_ratio[B], u_position[B, n], then u_block[B, 5]
+    when block_p > 0 (documented order)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
         u_ratio = torch.rand(batch, generator=g)
-        out.append(random_mask(u_ratio, torch.rand(batch, N, generator=g), schedule))
+        mask = random_mask(u_ratio, torch.rand(batch, N, generator=g), schedule)
+        if block_p > 0:
+            u_block = torch.rand(batch, 5, generator=g)
+            mask = mask | (block_mask(u_block, GRID) & (u_block[:, :1] < block_p))
+        out.append(mask)
     return out
 
 
@@ -147,6 +153,31 @@ def test_random_mask_picks_the_smallest_noise():
     u_pos = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
     mask = random_mask(torch.tensor([0.5]), u_pos, "linear")  # k = ceil(0.5 * 4) = 2
     assert mask.tolist() == [[False, True, False, True]]
+
+
+def test_block_mask_is_one_rectangle_of_two_to_half_the_grid_plus_one():
+    # flag, height, width, top, left: height 2 + floor(0 * 4) = 2, width 2 + floor(0.99 * 4) = 5,
+    # top floor(0.5 * 7) = 3, left floor(0.99 * 4) = 3 on an 8 x 8 grid.
+    mask = block_mask(torch.tensor([[0.0, 0.0, 0.99, 0.5, 0.99]]), (8, 8)).view(8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[3:5, 3:8] = True
+    assert torch.equal(mask, expected)
+    blocks = block_mask(torch.rand(500, 5, generator=torch.Generator().manual_seed(0)), (8, 8)).view(500, 8, 8)
+    heights, widths = blocks.any(2).sum(1), blocks.any(1).sum(1)
+    assert torch.equal(blocks.sum((1, 2)), heights * widths)  # a full rectangle, inside the grid
+    assert set(heights.tolist()) == set(widths.tolist()) == {2, 3, 4, 5}
+    with pytest.raises(EmageError, match="block_mask"):
+        Emage(tiny_config(block_mask=1.5))
+
+
+def test_block_masked_training_hides_a_block_in_the_chosen_rows():
+    model, text, y = tiny_model(block_mask=0.5), captions(8), images(8)
+    rec = Recorder(model)
+    model.loss(text, y, 1, generator=torch.Generator().manual_seed(6))
+    (mask,) = masks_from_seed(6, 8, 1, block_p=0.5)
+    (plain,) = masks_from_seed(6, 8, 1)
+    assert torch.equal(rec.inputs[0], torch.where(mask, M, y))
+    assert torch.equal(mask & plain, plain) and (mask.sum(1) > plain.sum(1)).any()
 
 
 def test_sample_tokens_inverse_cdf():
