@@ -316,12 +316,22 @@ def render(caption: str | Caption, seed: int, align: int = 1, jitter: bool = Tru
     with both an object is the same block of tokens wherever it is (train.py
     --shapes-align, --no-shapes-jitter). The defaults are SHAPES.md's free placement.
     """
+    parsed = parse(caption) if isinstance(caption, str) else caption
+    return draw(parsed.objects, layout(parsed, seed, align, jitter))
+
+
+def layout(caption: str | Caption, seed: int, align: int = 1, jitter: bool = True) -> list[Box]:
+    """The bounding boxes `render` draws the caption's objects in, in caption order."""
     if not 1 <= align <= 8:
         raise ShapesError(f"align must be between 1 and 8 px, got {align}")
     parsed = parse(caption) if isinstance(caption, str) else caption
-    rng = random.Random(f"{seed}:{parsed}")
+    return _place(random.Random(f"{seed}:{parsed}"), parsed, align, jitter)
+
+
+def draw(objects: tuple[Obj, ...], boxes: list[Box]) -> Image.Image:
+    """Objects drawn filled in their boxes on the black canvas."""
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for obj, box in zip(parsed.objects, _place(rng, parsed, align, jitter)):
+    for obj, box in zip(objects, boxes):
         mask = _shape_mask(obj.shape, box.side)
         canvas[box.y:box.y + box.side, box.x:box.x + box.side][mask] = COLORS[obj.color]
     return Image.fromarray(canvas, "RGB")

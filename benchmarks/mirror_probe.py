@@ -2,11 +2,11 @@
 
     python benchmarks/mirror_probe.py checkpoints/shapes/emage [more checkpoints]
 
-For each of 200 two-object training-style captions "A rel B" (two different shapes, no
-held-out pair) two pictures are rendered as the model's training images were placed
-(`sample.Pipeline.render_options`): one of the caption, and its mirror, a picture of
-"A opp B" (the same two objects with the opposite relation). Both are clean pictures of A
-and B; only the first fits the caption. Each is tokenised, a random fraction of its
+For each of 200 two-object training-style captions "A rel B" (two different shapes of one
+size, no held-out pair) the caption is rendered as the model's training images were placed
+(`sample.Pipeline.render_options`), and so is its mirror: the same picture with A and B
+exchanged in their boxes, a picture of "A opp B". Both are clean pictures of A and B with
+one layout; only the first fits the caption. Each is tokenised, a random fraction of its
 tokens becomes [mask] (the same positions for both), and one decoder pass scores the
 masked tokens (summed cross-entropy, nats, averaged over 4 mask draws). A model that
 reads the order of the caption gives the true picture the lower loss; one blind to order
@@ -16,6 +16,7 @@ prefers it half of the time. Printed as Markdown: that fraction and the mean los
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -31,12 +32,16 @@ import vqgan  # noqa: E402
 
 
 def two_object_captions(count: int, seed: int = 0) -> list[shapes.Caption]:
+    """Captions "A rel B" whose objects differ in shape and share a size word (so they can swap boxes)."""
     rng, chosen = random.Random(seed), []
     while len(chosen) < count:
         caption = shapes.parse(shapes.sample_caption(rng, "train"))
-        a, b = caption.objects if len(caption.objects) == 2 else (None, None)
-        if a is not None and a.shape != b.shape and not shapes.is_novel(caption):
-            chosen.append(caption)
+        two = len(caption.objects) == 2
+        if not two or caption.objects[0].shape == caption.objects[1].shape or shapes.is_novel(caption):
+            continue
+        size = rng.choice(("small", "large"))
+        objects = tuple(dataclasses.replace(o, size=size) for o in caption.objects)
+        chosen.append(shapes.Caption(objects, caption.relation))
     return chosen
 
 
@@ -45,9 +50,9 @@ def mirror_test(checkpoint, fractions=(0.5, 0.9, 1.0), count: int = 200, draws: 
     pipe = sample.Pipeline.load(checkpoint)
     model, render = pipe.model.eval(), pipe.render_options
     captions = two_object_captions(count)
-    mirrors = [shapes.Caption(c.objects, shapes.OPPOSITE[c.relation]) for c in captions]
-    true = pipe.vqgan.encode(vqgan.to_tensor([shapes.render(c, i, **render) for i, c in enumerate(captions)]))
-    mirror = pipe.vqgan.encode(vqgan.to_tensor([shapes.render(c, i, **render) for i, c in enumerate(mirrors)]))
+    boxes = [shapes.layout(c, i, **render) for i, c in enumerate(captions)]
+    true = pipe.vqgan.encode(vqgan.to_tensor([shapes.draw(c.objects, b) for c, b in zip(captions, boxes)]))
+    mirror = pipe.vqgan.encode(vqgan.to_tensor([shapes.draw(c.objects[::-1], b) for c, b in zip(captions, boxes)]))
     true, mirror = true.flatten(1), mirror.flatten(1)  # (B, n)
     text_kv, text_mask = model.encode_text(pipe.text_tokens([str(c) for c in captions]))
     generator, rows = torch.Generator().manual_seed(0), []
