@@ -521,7 +521,8 @@ def cmd_generate(args) -> None:
     written = generate_folder(args.checkpoint, items, args.out, candidates=args.candidates,
                               batch_size=args.batch_size, seed=args.seed, device=device, rerank=rerank,
                               steps=args.steps, algorithm=args.algorithm, schedule=args.schedule,
-                              temperature=args.temperature, guidance_scale=args.guidance_scale)
+                              temperature=args.temperature, guidance_scale=args.guidance_scale,
+                              choice_temperature=args.choice_temperature)
     print(f"wrote {written} images to {args.out} ({len(items) - written} were already there)")
 
 
@@ -533,7 +534,7 @@ def cmd_shapes(args) -> None:
     report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, batch_size=args.batch_size,
                              device=device, save_dir=args.save, steps=args.steps, algorithm=args.algorithm,
                              schedule=args.schedule, temperature=args.temperature,
-                             guidance_scale=args.guidance_scale)
+                             guidance_scale=args.guidance_scale, choice_temperature=args.choice_temperature)
     summary = {k: report[k] for k in ("seen", "novel", "all")}
     print(f"shapes accuracy ({len(captions)} captions x {args.seeds} seeds, T={args.steps}): "
           + shapes.format_report(summary))
@@ -579,6 +580,8 @@ def _add_sampling_args(p, batch_size: int) -> None:
     p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"), help="inference mask schedule")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--choice-temperature", type=float, default=4.5,
+                   help="scale of the Gumbel noise on the confidences that choose which tokens to commit")
     p.add_argument("--batch-size", type=_positive, default=batch_size, help="captions per batch")
     p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
 
