@@ -1,12 +1,14 @@
 """The benchmarks' analytic FLOPs against a FLOP counter, the extrapolation fit, and the CLIs."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import latency, train_speed, train_step
+import shapes
+from benchmarks import latency, mirror_probe, train_speed, train_step
 from emage import Emage, EmageConfig
 
 
@@ -133,3 +135,13 @@ def test_latency_cli_rejects_a_missing_gpu(capsys):
         pytest.skip("a GPU is present")
     assert latency.main(["--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_mirror_probe_pictures_differ_only_in_which_object_stands_where():
+    for i, caption in enumerate(mirror_probe.two_object_captions(30)):
+        assert not shapes.is_novel(caption) and caption.objects[0].size == caption.objects[1].size
+        boxes = shapes.layout(caption, i, align=8, jitter=False)
+        true, mirror = shapes.draw(caption.objects, boxes), shapes.draw(caption.objects[::-1], boxes)
+        assert np.array_equal(np.asarray(true), np.asarray(shapes.render(caption, i, align=8, jitter=False)))
+        assert shapes.score(true, caption) and not shapes.score(mirror, caption)
+        assert shapes.score(mirror, shapes.Caption(caption.objects, shapes.OPPOSITE[caption.relation]))

@@ -497,6 +497,11 @@ def test_shapes_accuracy_counts_seen_and_novel(tmp_path, tiny_checkpoint, monkey
 
     monkeypatch.setattr(eval_fid, "generate_images", render)
     report = eval_fid.shapes_accuracy(tiny_checkpoint, seeds=1, progress=False, steps=2)
+    seen_kw = []
+    monkeypatch.setattr(eval_fid, "generate_images", lambda *a, **kw: seen_kw.append(kw) or render(*a, **kw))
+    assert eval_fid.main(["shapes", "--checkpoint", str(tiny_checkpoint), "--seeds", "1", "--limit", "2",
+                          "--choice-temperature", "2.5", "--schedule", "linear"]) == 0
+    assert seen_kw[0]["choice_temperature"] == 2.5 and seen_kw[0]["schedule"] == "linear"
     novel = sum(shapes.is_novel(c) for c in shapes.eval_captions())
     assert report["all"] == {"accuracy": 1.0, "count": len(shapes.eval_captions())}
     assert report["novel"]["count"] == novel > 0
