@@ -438,8 +438,6 @@ def mutate_caption(caption: str, rng: random.Random, split: str = "train") -> st
     (for "train": no held-out pair) and within the grammar."""
     import shapes
 
-    opposite = {"to the left of": "to the right of", "to the right of": "to the left of",
-                "above": "below", "below": "above"}
     parsed = shapes.parse(caption)
     while True:
         objects = list(parsed.objects)
@@ -456,7 +454,7 @@ def mutate_caption(caption: str, rng: random.Random, split: str = "train") -> st
                 continue  # no size named: any size fits the caption, so nothing to contradict
             objects[i] = shapes.Obj(o.color, o.shape, "small" if o.size == "large" else "large")
         else:
-            relation = opposite[relation]
+            relation = shapes.OPPOSITE[relation]
         new = shapes.Caption(tuple(objects), relation)
         if len(objects) == 2 and (objects[0].color, objects[0].shape) == (objects[1].color, objects[1].shape):
             continue

@@ -376,7 +376,8 @@ class TextEncoder(nn.Module):
     padding after the end token. With config.causal False every token sees the whole caption
     (a word sees the words after it) and the padding is masked out. `pooled` is the final
     state at the end token, found as `tokens.argmax(-1)` because the end token has the
-    largest id of the vocabulary, times the projection: exactly CLIP's `encode_text`. Parameter names mirror OpenAI's checkpoint one to one.
+    largest id of the vocabulary, times the projection: exactly CLIP's `encode_text`.
+    Parameter names mirror OpenAI's checkpoint one to one.
     """
 
     def __init__(self, config: TextConfig):

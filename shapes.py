@@ -359,7 +359,7 @@ class Detection:
         return self.color == obj.color and self.shape == obj.shape and obj.size in (None, self.size)
 
 
-# What went wrong, by kind (ScoreResult.kind), in the order score_details tests them.
+# What went wrong, by kind (ScoreResult.kind; score_details decides which).
 FAILURE_KINDS = {
     "count": "too many or too few objects",
     "binding": "the caption's colours and shapes are all there, paired the other way",
