@@ -410,13 +410,12 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.text_projection, std=c.width**-0.5)
 
     def attention_mask(self, end: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask: causal [L, L] (CLIP's build_attention_mask), or [B, 1, L, L] hiding the padding."""
+        """Additive mask: causal [L, L] (CLIP's build_attention_mask), or [B, 1, 1, L] hiding the padding."""
         position = torch.arange(L, device=end.device)
         if self.config.causal:
             hidden = position[None, :] > position[:, None]  # (L, L) token i attends to tokens 0..i
         else:
             hidden = (position[None, :] > end[:, None])[:, None, None, :]  # (B, 1, 1, L) keys after the end token
-            hidden = hidden.expand(-1, 1, L, -1)  # (B, 1, L, L)
         return torch.zeros(hidden.shape, dtype=dtype, device=end.device).masked_fill(hidden, float("-inf"))
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
