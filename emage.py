@@ -31,7 +31,8 @@ on the host from one `torch.Generator` in this fixed order, B' = rows of the out
     generate, "ar":             u_token[B', n] once; column i samples token i
     loss:                       caption dropout u[B] (training with p > 0 only); mask 1:
                                 u_ratio[B], u_position[B, n] (then u_block[B, 5] when
-                                block_mask > 0); pass-1 sampling u[B, n] (#2/#3 with
+                                block_mask > 0, then u_object[B, colours] when
+                                object_mask > 0); pass-1 sampling u[B, n] (#2/#3 with
                                 pass1="sample" only); mask 2: as mask 1
 """
 from __future__ import annotations
@@ -98,6 +99,7 @@ class EmageConfig:
     relative_positions: bool = False  # learned 2D relative position bias in self-attention (beyond the paper, see SelfAttention)
     colours: int = 0  # > 0: code = colour * (codebook_size / colours) + pattern (vqgan.PatternQuantizer), see FactoredEmbedding
     block_mask: float = 0.0  # probability that a training mask also hides a random block of tokens (beyond the paper, see block_mask)
+    object_mask: float = 0.0  # probability that a training mask also hides every token of one colour (needs colours; see object_mask)
 
     @property
     def n(self) -> int:
@@ -170,6 +172,10 @@ def _check_config(c: EmageConfig) -> None:
         raise EmageError(f"caption_dropout must be in [0, 1), got {c.caption_dropout}")
     if not 0.0 <= c.block_mask <= 1.0:
         raise EmageError(f"block_mask must be a probability in [0, 1], got {c.block_mask}")
+    if not 0.0 <= c.object_mask <= 1.0:
+        raise EmageError(f"object_mask must be a probability in [0, 1], got {c.object_mask}")
+    if c.object_mask and not c.colours:
+        raise EmageError("object_mask needs colour-factored codes: set colours (vqgan.PatternQuantizer) or leave object_mask at 0")
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,6 +258,23 @@ def block_mask(u_block: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         sides.append((index >= start[:, None]) & (index < (start + side)[:, None]))  # (B, size)
     rows, cols = sides
     return (rows[:, :, None] & cols[:, None, :]).reshape(B, h * w)
+
+
+def object_mask(image_tokens: torch.Tensor, u_colour: torch.Tensor, patterns: int) -> torch.Tensor:
+    """Training masks that hide every token of one colour present in the image.
+
+    Beyond the paper, a sharper block_mask for colour-factored codes (code = colour *
+    patterns + pattern, colour 0 = empty). In the shapes world one colour is one object (or
+    two of the same colour), so the model must place a hidden object from the caption and
+    the object it still sees: exactly the step where "A to the left of B" decides which side
+    A goes. The colour hidden is the present one with the largest u_colour. image_tokens:
+    [B, n] codes; u_colour: [B, colours - 1] uniform in [0, 1), one per non-empty colour;
+    returns BoolTensor[B, n], all False in a row with no object.
+    """
+    colour = image_tokens // patterns  # (B, n): 0 = empty patch
+    present = F.one_hot(colour, u_colour.shape[1] + 1)[..., 1:].any(1)  # (B, colours - 1)
+    chosen = 1 + torch.where(present, u_colour, torch.full_like(u_colour, -1.0)).argmax(-1)  # (B,)
+    return (colour == chosen[:, None]) & present.any(-1, keepdim=True)
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0):
@@ -566,6 +589,10 @@ class Emage(nn.Module):
             if c.block_mask > 0:
                 u_block = rand(B, 5)
                 mask = mask | (block_mask(u_block, c.grid) & (u_block[:, :1] < c.block_mask))
+            if c.object_mask > 0:
+                u_object = rand(B, c.colours)  # (flag, one per non-empty colour)
+                hidden = object_mask(y, u_object[:, 1:], c.codebook_size // c.colours)
+                mask = mask | (hidden & (u_object[:, :1] < c.object_mask))
             return mask
 
         if self.training and c.caption_dropout > 0:  # train the unconditional model too (guidance)

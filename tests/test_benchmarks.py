@@ -145,3 +145,23 @@ def test_mirror_probe_pictures_differ_only_in_which_object_stands_where():
         assert np.array_equal(np.asarray(true), np.asarray(shapes.render(caption, i, align=8, jitter=False)))
         assert shapes.score(true, caption) and not shapes.score(mirror, caption)
         assert shapes.score(mirror, shapes.Caption(caption.objects, shapes.OPPOSITE[caption.relation]))
+
+
+def test_text_probe_labels_name_the_left_or_upper_colour():
+    captions, labels = mirror_probe.order_captions(200)
+    for caption, label in zip(captions, labels.tolist()):
+        parsed = shapes.parse(caption)
+        boxes = shapes.layout(parsed, 0)
+        axis = 0 if parsed.relation in ("to the left of", "to the right of") else 1
+        centres = [b.centre[axis] for b in boxes]
+        first = min(range(2), key=lambda i: centres[i])  # the left or upper object, as rendered
+        assert list(shapes.COLORS)[label] == parsed.objects[first].color
+
+
+def test_ridge_probe_reads_a_linear_code_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (1200,), generator=g)
+    code = torch.nn.functional.one_hot(labels, 6).float() + 0.2 * torch.randn(1200, 6, generator=g)
+    noise = torch.randn(1200, 40, generator=g)
+    assert mirror_probe.ridge_probe(torch.cat([code, noise], 1), labels, 1000) > 0.95
+    assert mirror_probe.ridge_probe(noise, labels, 1000) < 0.3  # chance is 1/6

@@ -19,6 +19,7 @@ from emage import (
     guided_logits,
     load_checkpoint,
     mask_schedule,
+    object_mask,
     random_mask,
     sample_tokens,
     save_checkpoint,
@@ -85,9 +86,9 @@ class Recorder:
         model.head.register_forward_hook(keep)
 
 
-def masks_from_seed(seed, batch, count, schedule="linear", block_p=0.0):
+def masks_from_seed(seed, batch, count, schedule="linear", block_p=0.0, object_p=0.0, y=None, colours=0):
     """The training masks loss() draws: per masking, u_ratio[B], u_position[B, n], then u_block[B, 5]
-    when block_p > 0 (documented order)."""
+    when block_p > 0, then u_object[B, colours] when object_p > 0 (documented order)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
@@ -96,6 +97,9 @@ def masks_from_seed(seed, batch, count, schedule="linear", block_p=0.0):
         if block_p > 0:
             u_block = torch.rand(batch, 5, generator=g)
             mask = mask | (block_mask(u_block, GRID) & (u_block[:, :1] < block_p))
+        if object_p > 0:
+            u_object = torch.rand(batch, colours, generator=g)
+            mask = mask | (object_mask(y, u_object[:, 1:], K // colours) & (u_object[:, :1] < object_p))
         out.append(mask)
     return out
 
@@ -178,6 +182,34 @@ def test_block_masked_training_hides_a_block_in_the_chosen_rows():
     (plain,) = masks_from_seed(6, 8, 1)
     assert torch.equal(rec.inputs[0], torch.where(mask, M, y))
     assert torch.equal(mask & plain, plain) and (mask.sum(1) > plain.sum(1)).any()
+
+
+def test_object_mask_hides_every_token_of_one_present_colour():
+    # 3 colours x 4 patterns: code // 4 is the colour, 0 = empty. Row 0 holds colours 1 and 2,
+    # row 1 only colour 2, row 2 nothing.
+    tokens = torch.tensor([[0, 4, 5, 0, 9, 11], [0, 8, 0, 0, 1, 10], [0, 1, 2, 3, 0, 0]])
+    u = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.5, 0.5]])  # row 0 picks colour 1; row 1 can only pick 2
+    assert object_mask(tokens, u, 4).tolist() == [
+        [False, True, True, False, False, False],
+        [False, True, False, False, False, True],
+        [False] * 6,
+    ]
+    assert object_mask(tokens[:1], torch.tensor([[0.1, 0.9]]), 4).tolist() == [[False, False, False, False, True, True]]
+    with pytest.raises(EmageError, match="object_mask needs colour-factored codes"):
+        Emage(tiny_config(object_mask=0.5))
+
+
+def test_object_masked_training_hides_one_colour_in_the_chosen_rows():
+    model, text = tiny_model(object_mask=0.5, colours=4), captions(8)
+    y = images(8) % 8  # colours 0 and 1 only: every row but an empty one has an object to hide
+    rec = Recorder(model)
+    model.loss(text, y, 1, generator=torch.Generator().manual_seed(6))
+    (mask,) = masks_from_seed(6, 8, 1, object_p=0.5, y=y, colours=4)
+    (plain,) = masks_from_seed(6, 8, 1)
+    assert torch.equal(rec.inputs[0], torch.where(mask, M, y))
+    assert torch.equal(mask & plain, plain) and (mask.sum(1) > plain.sum(1)).any()
+    hidden_rows = mask.sum(1) > plain.sum(1)
+    assert mask[hidden_rows][y[hidden_rows] >= 4].all()  # colour 1, the only one present, is hidden
 
 
 def test_sample_tokens_inverse_cdf():
