@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
 # Sampling defaults: the best of the README's sweep on the shapes demo (T = 16).
 DEFAULT_TEMPERATURE = 0.7  # token sampling temperature; 1 draws from the model as it is
-DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale; 1 turns it off and halves the work per round
+DEFAULT_GUIDANCE = 1.5  # classifier-free guidance scale; 1 turns it off and halves the work per round
 MAX_STEPS = 1024  # more rounds than any grid has tokens is never useful
 
 
