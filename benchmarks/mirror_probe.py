@@ -53,8 +53,7 @@ def two_object_captions(count: int, seed: int = 0) -> list[shapes.Caption]:
 
 
 @torch.no_grad()
-def mirror_test(checkpoint, fractions=(0.5, 0.9, 1.0), count: int = 200, draws: int = 4) -> list[dict]:
-    pipe = sample.Pipeline.load(checkpoint)
+def mirror_test(pipe: sample.Pipeline, fractions=(0.5, 0.9, 1.0), count: int = 200, draws: int = 4) -> list[dict]:
     model, render = pipe.model.eval(), pipe.render_options
     captions = two_object_captions(count)
     boxes = [shapes.layout(c, i, **render) for i, c in enumerate(captions)]
@@ -106,9 +105,8 @@ def order_captions(count: int, seed: int = 1) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def text_probe(checkpoint, count: int = 6000, train: int = 5000) -> float:
+def text_probe(pipe: sample.Pipeline, count: int = 6000, train: int = 5000) -> float:
     """ridge_probe accuracy on the text tower's states [N, L * width] of order_captions."""
-    pipe = sample.Pipeline.load(checkpoint)
     captions, labels = order_captions(count)
     states, _ = pipe.model.text_encoder(pipe.text_tokens(captions))  # (N, L, width)
     return ridge_probe(states.flatten(1), labels, train)
@@ -124,8 +122,9 @@ def main(argv=None) -> int:
     print("| checkpoint | masked | prefers the true picture | loss gap (nats) | text probe |")
     print("|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
-        probe = text_probe(checkpoint)
-        for row in mirror_test(checkpoint, count=args.captions):
+        pipe = sample.Pipeline.load(checkpoint)
+        probe = text_probe(pipe)
+        for row in mirror_test(pipe, count=args.captions):
             print(f"| {checkpoint} | {row['fraction']:.0%} | {row['prefers_true']:.3f} | {row['gap']:+.2f} | {probe:.3f} |")
     return 0
 
