@@ -18,7 +18,8 @@ left (or upper) object from the text tower's states of "A rel B" (all positions,
 vector), fitted on 5,000 captions and scored on 1,000 others. Neither the two colours nor
 the words at their positions give it linearly: the answer is the first colour for "to the
 left of" and "above" and the second for the others. One-hot tokens score about 0.5, the
-pick of one of the two colours. A tower that writes the layout into its states scores near 1.
+pick of one of the two colours (printed last). A tower that writes the layout into its states
+scores near 1.
 """
 from __future__ import annotations
 
@@ -105,11 +106,16 @@ def order_captions(count: int, seed: int = 1) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def text_probe(pipe: sample.Pipeline, count: int = 6000, train: int = 5000) -> float:
-    """ridge_probe accuracy on the text tower's states [N, L * width] of order_captions."""
+def text_probe(pipe: sample.Pipeline, count: int = 6000, train: int = 5000, tower: bool = True) -> float:
+    """ridge_probe accuracy on the text tower's states [N, L * width] of order_captions, or
+    with tower=False on the one-hot caption tokens [N, L * vocabulary] (the baseline)."""
     captions, labels = order_captions(count)
-    states, _ = pipe.model.text_encoder(pipe.text_tokens(captions))  # (N, L, width)
-    return ridge_probe(states.flatten(1), labels, train)
+    tokens = pipe.text_tokens(captions)  # (N, L)
+    if tower:
+        features = pipe.model.text_encoder(tokens)[0]  # (N, L, width)
+    else:
+        features = torch.nn.functional.one_hot(tokens, pipe.model.config.text.vocab_size)  # (N, L, vocabulary)
+    return ridge_probe(features.flatten(1), labels, train)
 
 
 def main(argv=None) -> int:
@@ -126,6 +132,7 @@ def main(argv=None) -> int:
         probe = text_probe(pipe)
         for row in mirror_test(pipe, count=args.captions):
             print(f"| {checkpoint} | {row['fraction']:.0%} | {row['prefers_true']:.3f} | {row['gap']:+.2f} | {probe:.3f} |")
+    print(f"\ntext probe on one-hot tokens instead of the tower's states: {text_probe(pipe, tower=False):.3f}")
     return 0
 
 
