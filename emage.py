@@ -7,6 +7,7 @@ cross-attends to it and predicts a distribution over the codebook at every posit
 
     Emage(config).loss(text_tokens, image_tokens, variant)   training, Fig. 2 (a)-(d) and Algorithm 2
     Emage(config).generate(text_tokens, steps=16, ...)       inference, Algorithms 1 and 3
+    Emage(config).self_score(text_tokens, image_tokens)      re-ranking candidates (beyond the paper)
     save_checkpoint(model, dir, ...), load_checkpoint(dir)  config.json + model.safetensors
 
 The variants (Fig. 2) and the inference algorithm each is decoded with:
@@ -34,6 +35,7 @@ on the host from one `torch.Generator` in this fixed order, B' = rows of the out
                                 block_mask > 0, then u_object[B, colours] when
                                 object_mask > 0); pass-1 sampling u[B, n] (#2/#3 with
                                 pass1="sample" only); mask 2: as mask 1
+    self_score, codes without colours:  u[random_sets, B, n] (colour hide-sets use none)
 """
 from __future__ import annotations
 
@@ -347,6 +349,23 @@ def commit_algorithm3(tokens, committed, fixed, sampled, confidence, count, mask
     keep = _top_count(confidence, committed, count)  # line 4 (committed first: line 5)
     new = torch.where(keep, sampled, torch.full_like(tokens, mask_id))  # revise + fill
     return torch.where(fixed, tokens, new), keep
+
+
+def colour_hide_sets(image_tokens: torch.Tensor, patterns: int, colours: int) -> torch.Tensor:
+    """The hide-sets of self-scoring with colour-factored codes: every token of one colour.
+
+    image_tokens: [B, n] codes (code = colour * patterns + pattern, colour 0 = empty);
+    returns BoolTensor[colours - 1, B, n], set k hiding colour k + 1 (all False where the
+    colour is absent). These are object_mask's masks, one colour at a time.
+    """
+    colour = image_tokens // patterns  # (B, n)
+    return torch.stack([colour == k for k in range(1, colours)])  # (colours - 1, B, n)
+
+
+def hidden_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """sum over hidden positions i of log p(targets_i): logits[R, n, K], targets/hidden[R, n] -> [R]."""
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]  # (R, n)
+    return (log_p * hidden).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -753,6 +772,37 @@ class Emage(nn.Module):
                 tokens, committed = commit_algorithm1(tokens, committed, sampled, confidence, counts[t - 1], c.mask_id)
             history.append(tokens)
         return (tokens, torch.stack(history)) if return_history else tokens  # line 8: return Y_obs
+
+    @torch.no_grad()
+    def self_score(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor,
+                   generator: torch.Generator | None = None, random_sets: int = 4) -> torch.Tensor:
+        """How well the generator predicts each part of an image from the rest: FloatTensor[B].
+
+        Beyond the paper, a re-ranker for generate()'s candidates that needs no CLIP. For
+        each hide-set H the decoder reads the caption and the image with H replaced by
+        [mask], and the score adds log p(y_i) over i in H: a pseudo-likelihood. With
+        colour-factored codes H is every token of one colour (colour_hide_sets), so an
+        object drawn on the wrong side, a wrong shape or an extra object scores low, the
+        question object_mask trains; otherwise H is a random half of the positions,
+        `random_sets` times. text_tokens[B, L] and image_tokens[B, n], one caption per row.
+        """
+        c = self.config
+        if text_tokens.shape[0] != image_tokens.shape[0]:
+            raise EmageError(f"self_score needs one caption per image, got {text_tokens.shape[0]} captions "
+                             f"for {image_tokens.shape[0]} images")
+        if c.colours:
+            hide = colour_hide_sets(image_tokens, c.codebook_size // c.colours, c.colours)  # (M, B, n)
+            hide = hide[hide.flatten(1).any(1)]  # colours absent from every image cost nothing
+        else:
+            u = torch.rand(random_sets, *image_tokens.shape, generator=generator, device=image_tokens.device)
+            hide = u < 0.5  # (M, B, n)
+        M = hide.shape[0]
+        text_kv, text_mask = self.encode_text(text_tokens)
+        targets = image_tokens.repeat(M, 1)  # (M * B, n): hide-set m of row b at m * B + b
+        inputs = torch.where(hide.flatten(0, 1), torch.full_like(targets, c.mask_id), targets)
+        logits = self.round_logits(inputs, text_kv.repeat(M, *[1] * (text_kv.dim() - 1)),
+                                   text_mask.repeat(M, 1, 1, 1))  # (M * B, n, K)
+        return hidden_log_likelihood(logits, targets, hide.flatten(0, 1)).view(M, -1).sum(0)  # (B,)
 
     def _embed(self, tokens, caches=None):
         """Token + position embeddings; with an AR cache, positions continue after the cached ones."""

@@ -327,6 +327,24 @@ def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.
     return _to_uint8(vq.decode(image_tokens.view(-1, h, w)))  # (B * C, H, W, 3)
 
 
+@torch.no_grad()
+def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
+                    num_candidates: int = 1, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
+    """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate.
+
+    The score's random hide-sets (codes without colours) come from `generator` after the images.
+    """
+    device = next(model.parameters()).device
+    text = tokenizer(captions, context_length=model.config.text.context_length).to(device)  # (B, L)
+    tokens = model.generate(text, num_candidates=num_candidates, generator=generator, **generate_kw)  # (B * C, n)
+    scores = None
+    if num_candidates > 1:
+        rows = text.repeat_interleave(num_candidates, 0)  # (B * C, L)
+        scores = model.self_score(rows, tokens, generator=generator).float().cpu().numpy()
+    h, w = model.config.grid
+    return _to_uint8(vq.decode(tokens.view(-1, h, w))), scores
+
+
 Reranker = Callable[[np.ndarray, str], np.ndarray]  # (C, H, W, 3) uint8 candidates, caption -> (C,) scores
 
 
@@ -397,13 +415,15 @@ def clip_reranker(path, device) -> Reranker:
 # ---------------------------------------------------------------------------
 
 def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 2, batch_size: int = 64,
-                    device="cpu", save_dir=None, progress: bool = True, **generate_kw) -> dict:
+                    device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, **generate_kw) -> dict:
     """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
 
     Returns shapes.accuracy_report(...) plus 'failures' (shapes.failure_report: per split, the
     fraction failing by each kind of shapes.FAILURE_KINDS) and 'results':
-    [{'caption', 'seed', 'passed', 'failure'}].
+    [{'caption', 'seed', 'passed', 'failure', 'any_passed'}].
     Seed s runs the captions in batches with a generator seeded by (s, batch index).
+    With `candidates` > 1 each pair keeps the best of its candidates by `Emage.self_score`,
+    as sample.py does; 'any_passed' says whether any candidate would have passed.
     """
     import shapes
     from tqdm import tqdm
@@ -417,17 +437,25 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     for s, k in tqdm(jobs, desc="shapes", unit="batch", disable=not progress):
         generator = torch.Generator(device=device).manual_seed(s * 1_000_003 + k // batch_size)
         batch = captions[k:k + batch_size]
-        images = generate_images(model, tokenizer, vq, batch, generator, **generate_kw)  # (B, 64, 64, 3)
-        for j, (caption, rgb) in enumerate(zip(batch, images)):
+        images, scores = generate_scored(model, tokenizer, vq, batch, generator, num_candidates=candidates,
+                                         **generate_kw)  # (B * C, H, W, 3), (B * C,)
+        images = images.reshape(len(batch), candidates, *images.shape[1:])
+        best = scores.reshape(len(batch), candidates).argmax(1).tolist() if candidates > 1 else [0] * len(batch)
+        for j, (caption, group) in enumerate(zip(batch, images)):
+            rgb = group[best[j]]
             result = shapes.score_details(Image.fromarray(rgb), caption)
-            results.append({"caption": caption, "seed": s, "passed": result.passed, "failure": result.kind})
+            others = (shapes.score(Image.fromarray(im), caption) for i, im in enumerate(group) if i != best[j])
+            results.append({"caption": caption, "seed": s, "passed": result.passed, "failure": result.kind,
+                            "any_passed": result.passed or any(others)})
             if save_dir is not None:
                 _write_png(Path(save_dir) / f"s{s}_{k + j:04d}.png", rgb, {"caption": caption, "seed": s})
     report = shapes.accuracy_report([(r["caption"], r["passed"]) for r in results])
     report["failures"] = shapes.failure_report([(r["caption"], r["failure"]) for r in results])
+    report["any_of_candidates"] = shapes.accuracy_report([(r["caption"], r["any_passed"]) for r in results])
     report["results"] = results
     report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
-                          "seeds": seeds, **{k: v for k, v in generate_kw.items() if v is not None}}
+                          "seeds": seeds, "candidates": candidates,
+                          **{k: v for k, v in generate_kw.items() if v is not None}}
     return report
 
 
@@ -532,7 +560,8 @@ def cmd_shapes(args) -> None:
     device = _device(args.device)
     captions = shapes.eval_captions()[:args.limit]
     report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, batch_size=args.batch_size,
-                             device=device, save_dir=args.save, steps=args.steps, algorithm=args.algorithm,
+                             device=device, save_dir=args.save, candidates=args.candidates,
+                             steps=args.steps, algorithm=args.algorithm,
                              schedule=args.schedule, temperature=args.temperature,
                              guidance_scale=args.guidance_scale, choice_temperature=args.choice_temperature)
     summary = {k: report[k] for k in ("seen", "novel", "all")}
@@ -540,6 +569,9 @@ def cmd_shapes(args) -> None:
           + shapes.format_report(summary))
     for split, kinds in report["failures"].items():
         print(f"  {split} failures: " + ", ".join(f"{kind} {share:.3f}" for kind, share in kinds.items()))
+    if args.candidates > 1:
+        print(f"  any of the {args.candidates} candidates passes: "
+              + shapes.format_report({k: report["any_of_candidates"][k] for k in ("seen", "novel", "all")}))
     if args.json:
         _write_json(args.json, report)
 
@@ -629,6 +661,8 @@ def main(argv=None) -> int:
     _add_sampling_args(p, batch_size=64)
     p.add_argument("--seeds", type=_positive, default=2, help="images per caption (seeds 0..N-1)")
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N evaluation captions")
+    p.add_argument("--candidates", type=_positive, default=1,
+                   help="candidates per (caption, seed); the best by Emage.self_score is scored (sample.py's re-ranking)")
     p.add_argument("--json", type=Path, default=None, help="write the report (with per-image results) here")
     p.add_argument("--save", type=Path, default=None, help="also write the generated PNGs here")
     p.set_defaults(run=cmd_shapes)

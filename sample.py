@@ -19,8 +19,12 @@ others are fixed from round 0, and the algorithm fills the rest:
 
 A token is redrawn when any pixel of its cell is selected, so edits cover whole cells
 (8 x 8 px for the shapes VQGAN). `--strength` redraws a random fraction of the selected
-tokens (default: all of them; 0.5 for a variation). With `--candidates N` every image is
-the best of N candidates by CLIP image-text similarity, the paper's re-ranking (Section 4).
+tokens (default: all of them; 0.5 for a variation).
+
+Every image is the best of `--candidates` candidates drawn in one batch. The paper ranks 16
+candidates by CLIP image-text similarity (Section 4, `--rerank clip`); by default they are
+ranked by the generator itself (`--rerank self`, `Emage.self_score`: how well it predicts
+each object of a candidate from the rest and the caption).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
 # Sampling defaults: the best of the README's sweep on the shapes demo (T = 16).
 DEFAULT_TEMPERATURE = 0.7  # token sampling temperature; 1 draws from the model as it is
 DEFAULT_GUIDANCE = 1.5  # classifier-free guidance scale; 1 turns it off and halves the work per round
+DEFAULT_CANDIDATES = 4  # drawn per image and re-ranked by --rerank (--backend torch; ONNX draws 1)
 MAX_STEPS = 1024  # more rounds than any grid has tokens is never useful
 
 
@@ -115,6 +120,13 @@ class Pipeline:
         return self.model.generate(self.text_tokens([prompt]), steps=steps, num_candidates=num_images,
                                    negative_tokens=negative, generator=generator,
                                    return_history=return_history, **options)
+
+    @torch.no_grad()
+    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0) -> np.ndarray:
+        """Emage.self_score of each candidate [B, n] under the prompt: (B,), higher is better."""
+        text = self.text_tokens([prompt]).expand(len(tokens), -1)
+        generator = torch.Generator(self.device).manual_seed(seed)  # random hide-sets of codes without colours
+        return self.model.self_score(text, tokens, generator=generator).float().cpu().numpy()
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
@@ -301,6 +313,11 @@ def check_args(args) -> None:
                           "python export_onnx.py --checkpoint DIR --out DIR")
     if args.backend == "onnx" and args.dtype != "fp32":
         raise SampleError("the exported ONNX graphs are fp32: use --dtype fp32 with --backend onnx")
+    if args.candidates is None:
+        args.candidates = DEFAULT_CANDIDATES if args.backend == "torch" else 1
+    if args.backend == "onnx" and args.rerank == "self" and args.candidates > 1:
+        raise SampleError("--rerank self needs the PyTorch generator: use --backend torch, --rerank clip "
+                          "or --candidates 1")
     if not 1 <= args.candidates <= 256 or args.candidates * args.num_images > 1024:
         raise SampleError(f"--candidates must be between 1 and 256 (and --num-images x --candidates <= 1024), "
                           f"got {args.candidates}")
@@ -315,6 +332,15 @@ def check_args(args) -> None:
         raise SampleError(f"editing needs algorithm 1 or 3 (mask-predict), not --algorithm {args.algorithm}")
     if args.init_image is not None and args.backend == "onnx":
         raise SampleError("editing needs the VQGAN encoder, which the exported ONNX graphs lack: use --backend torch")
+
+
+def rerank_scores(args, pipe, clip, tokens: torch.Tensor, images: list) -> np.ndarray | None:
+    """One score per candidate (higher is better), or None with a single candidate."""
+    if args.candidates == 1:
+        return None
+    if args.rerank == "clip":
+        return np.asarray(clip(np.stack([np.asarray(im) for im in images]), args.prompt))
+    return pipe.self_scores(args.prompt, tokens, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,8 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "0.5 for a variation")
     edit.add_argument("--show-edit", action="store_true", help="also write <out>-edit.png: input | mask | output")
     rank = parser.add_argument_group("re-ranking (the paper's protocol: 16 candidates, best by CLIP)")
-    rank.add_argument("--candidates", type=int, default=1, help="candidates drawn per image; the best is kept")
-    rank.add_argument("--rerank", default="clip", choices=("clip",), help="how candidates are scored")
+    rank.add_argument("--candidates", type=int,
+                      help=f"candidates drawn per image, in one batch; the best is kept (default: "
+                           f"{DEFAULT_CANDIDATES} with --backend torch, 1 with onnx)")
+    rank.add_argument("--rerank", default="self", choices=("self", "clip"),
+                      help="how candidates are scored: by the generator itself (Emage.self_score, beyond "
+                           "the paper) or by CLIP image-text similarity (the paper's)")
     rank.add_argument("--clip", type=Path, default=ROOT / "checkpoints" / "shapes" / "clip",
                       help="whole CLIP checkpoint for --rerank clip (clip_image.load_reranker reads it)")
     return parser
@@ -381,7 +411,7 @@ def main(argv=None) -> int:
         else:
             device = pick_device(args.device)
             pipe = Pipeline.load(args.checkpoint, device)
-        reranker = clip_image.load_reranker(args.clip, device=device) if args.candidates > 1 else None
+        clip = clip_image.load_reranker(args.clip, device=device) if args.candidates > 1 and args.rerank == "clip" else None
         loaded = time.perf_counter()
         if pipe.knows_only_shapes:
             try:
@@ -402,14 +432,14 @@ def main(argv=None) -> int:
             result = pipe.generate(args.prompt, **options)
             tokens, history = result if args.show_steps else (result, None)
             images = pipe.decode(tokens)  # candidates of one image adjacent
+            scores = rerank_scores(args, pipe, clip, tokens, images)  # (num_images * C,) or None
         rows = list(range(len(images)))
-        if reranker is not None:  # keep the candidate with the highest image-text similarity
-            rows = []
-            for i in range(args.num_images):
-                scores = reranker(np.stack([np.asarray(im) for im in images[i * C:(i + 1) * C]]), args.prompt)
-                rows.append(i * C + int(np.argmax(scores)))
-                print(f"image {i}: CLIP similarity of the {C} candidates "
-                      + " ".join(f"{s:.3f}" for s in scores) + f"; kept {rows[-1] - i * C}", file=sys.stderr)
+        if scores is not None:  # keep the best-scoring candidate of each image
+            rows = [i * C + int(np.argmax(scores[i * C:(i + 1) * C])) for i in range(args.num_images)]
+            for i, row in enumerate(rows):
+                print(f"image {i}: {args.rerank} scores of the {C} candidates "
+                      + " ".join(f"{s:.3f}" for s in scores[i * C:(i + 1) * C]) + f"; kept {row - i * C}",
+                      file=sys.stderr)
             images = [images[r] for r in rows]
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -420,7 +450,9 @@ def main(argv=None) -> int:
                       "algorithm": args.algorithm or "default", "backend": args.backend,
                       "checkpoint": str(args.onnx_dir if args.backend == "onnx" else args.checkpoint)}
         if C > 1:
-            parameters.update(candidates=C, rerank=args.rerank, clip=str(args.clip))
+            parameters.update(candidates=C, rerank=args.rerank)
+            if args.rerank == "clip":
+                parameters.update(clip=str(args.clip))
         if args.init_image is not None:
             parameters.update(init_image=str(args.init_image), mask=args.mask and str(args.mask), region=args.region,
                               place=args.place, strength=args.strength)

@@ -3,7 +3,7 @@
     python benchmarks/figures.py            # docs/samples.png, docs/rounds.png, docs/edit.png
 
 samples.png: ten prompts (the last two with held-out colour-shape pairs), seed 0, T = 16,
-sample.py's default temperature and guidance, each image over its caption and the
+sample.py's default temperature, guidance and re-ranking, each image over its caption and the
 scorer's verdict (SHAPES.md). rounds.png: the first prompt after each of the 16 rounds, as in the
 paper's Figure 5 (`sample.py --show-steps`). edit.png: input | mask | output of a region
 edit (`sample.py --init-image ... --region ... --show-edit`).
@@ -14,6 +14,8 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,8 +43,12 @@ EDIT_REGION = "32,0,64,64"
 
 def samples(pipe: sample.Pipeline, out: Path, seed: int) -> None:
     default = sample.build_parser().get_default  # what `python sample.py "prompt"` uses
-    images = [pipe.decode(pipe.generate(p, seed=seed, guidance_scale=default("guidance"),
-                                        temperature=default("temperature")))[0] for p in PROMPTS]
+    images = []
+    for prompt in PROMPTS:  # the best of sample.DEFAULT_CANDIDATES by the self-score, as sample.py keeps
+        tokens = pipe.generate(prompt, seed=seed, num_images=sample.DEFAULT_CANDIDATES,
+                               guidance_scale=default("guidance"), temperature=default("temperature"))
+        best = int(np.argmax(pipe.self_scores(prompt, tokens, seed=seed)))
+        images.append(pipe.decode(tokens[best:best + 1])[0])
     verdicts = ["pass" if shapes.score(im, p) else "fail" for im, p in zip(images, PROMPTS)]
     image_grid(images, [f"{p} [{v}]" for p, v in zip(PROMPTS, verdicts)], scale=3, cols=5).save(out)
     print(f"wrote {out}: {verdicts.count('pass')} of {len(PROMPTS)} pass the scorer")

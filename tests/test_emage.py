@@ -13,6 +13,7 @@ from emage import (
     EmageConfig,
     EmageError,
     block_mask,
+    colour_hide_sets,
     commit_algorithm1,
     commit_algorithm3,
     commit_counts,
@@ -210,6 +211,46 @@ def test_object_masked_training_hides_one_colour_in_the_chosen_rows():
     assert torch.equal(mask & plain, plain) and (mask.sum(1) > plain.sum(1)).any()
     hidden_rows = mask.sum(1) > plain.sum(1)
     assert mask[hidden_rows][y[hidden_rows] >= 4].all()  # colour 1, the only one present, is hidden
+
+
+def test_colour_hide_sets_hide_each_colour_once_and_never_the_background():
+    tokens = torch.tensor([[0, 4, 5, 0, 9, 11], [0, 8, 0, 0, 1, 10], [0, 1, 2, 3, 0, 0]])  # 3 colours x 4 patterns
+    hide = colour_hide_sets(tokens, 4, 3)  # (2, 3, 6): colours 1 and 2
+    assert hide.shape == (2, 3, 6)
+    assert hide[0].tolist() == (tokens // 4 == 1).tolist() and hide[1].tolist() == (tokens // 4 == 2).tolist()
+    assert not (hide[0] & hide[1]).any() and torch.equal(hide.any(0), tokens >= 4)
+
+
+def _hidden_score(model, text, y, hide):
+    """sum over hide-sets and hidden positions of log p(y_i | the rest), one image and one set at a time."""
+    scores = torch.zeros(len(y))
+    with torch.no_grad():
+        for b in range(len(y)):
+            kv, mask = model.encode_text(text[b : b + 1])
+            for h in hide[:, b]:
+                logits = model.round_logits(torch.where(h, M, y[b])[None], kv, mask)[0]  # (n, K)
+                scores[b] += F.log_softmax(logits, -1)[torch.arange(N), y[b]][h].sum()
+    return scores
+
+
+def test_self_score_predicts_each_colour_of_the_image_from_the_rest():
+    model, text, y = tiny_model(colours=4).eval(), captions(5), images(5, seed=2)
+    y[0] = y[0] % 4  # an empty image: nothing to hide, score 0
+    y[1] = torch.where(y[1] >= 8, y[1], y[1] % 4)  # colours 2 and 3 only
+    hide = torch.stack([y // 4 == k for k in range(1, 4)])
+    got = model.self_score(text, y)
+    assert got[0] == 0 and torch.allclose(got, _hidden_score(model, text, y, hide), atol=1e-4)
+    other = model.self_score(captions(5, seed=9), y)
+    assert not torch.allclose(got[1:], other[1:])  # the caption is read
+
+
+def test_self_score_without_colours_hides_random_halves_in_the_documented_order():
+    model, text, y = tiny_model().eval(), captions(4), images(4)
+    got = model.self_score(text, y, generator=torch.Generator().manual_seed(3), random_sets=3)
+    hide = torch.rand(3, 4, N, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert torch.allclose(got, _hidden_score(model, text, y, hide), atol=1e-4)
+    with pytest.raises(EmageError, match="one caption per image"):
+        model.self_score(text[:2], y)
 
 
 def test_sample_tokens_inverse_cdf():

@@ -493,12 +493,13 @@ def test_shapes_accuracy_counts_seen_and_novel(tmp_path, tiny_checkpoint, monkey
     # A generator that draws exactly what it is asked (the renderer) must score 1.0 on every caption;
     # one that always draws a red circle passes only on that caption.
     def render(model, tokenizer, vq, captions, generator, **kw):
-        return np.stack([np.asarray(shapes.render(c, seed=int(generator.initial_seed()) % 1000)) for c in captions])
+        images = [np.asarray(shapes.render(c, seed=int(generator.initial_seed()) % 1000)) for c in captions]
+        return np.stack(images), None
 
-    monkeypatch.setattr(eval_fid, "generate_images", render)
+    monkeypatch.setattr(eval_fid, "generate_scored", render)
     report = eval_fid.shapes_accuracy(tiny_checkpoint, seeds=1, progress=False, steps=2)
     seen_kw = []
-    monkeypatch.setattr(eval_fid, "generate_images", lambda *a, **kw: seen_kw.append(kw) or render(*a, **kw))
+    monkeypatch.setattr(eval_fid, "generate_scored", lambda *a, **kw: seen_kw.append(kw) or render(*a, **kw))
     assert eval_fid.main(["shapes", "--checkpoint", str(tiny_checkpoint), "--seeds", "1", "--limit", "2",
                           "--choice-temperature", "2.5", "--schedule", "linear"]) == 0
     assert seen_kw[0]["choice_temperature"] == 2.5 and seen_kw[0]["schedule"] == "linear"
@@ -506,13 +507,45 @@ def test_shapes_accuracy_counts_seen_and_novel(tmp_path, tiny_checkpoint, monkey
     assert report["all"] == {"accuracy": 1.0, "count": len(shapes.eval_captions())}
     assert report["novel"]["count"] == novel > 0
 
-    monkeypatch.setattr(eval_fid, "generate_images", lambda m, t, v, captions, g, **kw: np.stack(
-        [np.asarray(shapes.render("a large red circle", seed=0))] * len(captions)))
+    monkeypatch.setattr(eval_fid, "generate_scored", lambda m, t, v, captions, g, **kw: (np.stack(
+        [np.asarray(shapes.render("a large red circle", seed=0))] * len(captions)), None))
     captions = ["a large red circle", "a blue square", "a red circle", "a cyan circle"]
     report = eval_fid.shapes_accuracy(tiny_checkpoint, captions, seeds=2, progress=False)
     assert [r["passed"] for r in report["results"]] == [True, False, True, False] * 2
     assert report["seen"] == {"accuracy": 2 / 3, "count": 6} and report["novel"] == {"accuracy": 0.0, "count": 2}
     assert report["failures"]["seen"]["colour"] == 2 / 6 and report["failures"]["novel"]["colour"] == 1.0
+
+
+def test_shapes_accuracy_scores_the_candidate_with_the_best_self_score(tiny_checkpoint, monkeypatch):
+    import shapes
+
+    circle = np.asarray(shapes.render("a large red circle", seed=0))
+    square = np.asarray(shapes.render("a blue square", seed=0))
+
+    def three_candidates(model, tokenizer, vq, captions, generator, num_candidates, **kw):
+        assert num_candidates == 3
+        # per caption: circle, square, circle; the self-score prefers the square for the first caption only
+        scores = np.array([s for k in range(len(captions)) for s in ([0.0, 1.0, -1.0] if k == 0 else [1.0, 0.0, 0.5])])
+        return np.stack([circle, square, circle] * len(captions)), scores
+
+    monkeypatch.setattr(eval_fid, "generate_scored", three_candidates)
+    captions = ["a large red circle", "a blue square"]
+    report = eval_fid.shapes_accuracy(tiny_checkpoint, captions, seeds=1, progress=False, candidates=3)
+    assert [r["passed"] for r in report["results"]] == [False, False]  # the square, then a circle, were kept
+    assert [r["any_passed"] for r in report["results"]] == [True, True]
+    assert report["any_of_candidates"]["all"]["accuracy"] == 1.0 and report["settings"]["candidates"] == 3
+
+
+def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoint):
+    model, tokenizer, vq, _ = eval_fid._load_generator(tiny_checkpoint, "cpu")
+    captions = ["a red circle", "a blue square"]
+    images, scores = eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),
+                                              num_candidates=3, steps=2)
+    again = torch.Generator().manual_seed(1)
+    text = tokenizer(captions, context_length=model.config.text.context_length)
+    tokens = model.generate(text, num_candidates=3, generator=again, steps=2)
+    expected = model.self_score(text.repeat_interleave(3, 0), tokens, generator=again)
+    assert images.shape[0] == 6 and np.allclose(scores, expected.numpy())
 
 
 def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_features):

@@ -1,5 +1,5 @@
 """sample.py beyond plain generation: editing (inpainting, outpainting, variation), negative
-prompts, and CLIP re-ranking of candidates, on a tiny random checkpoint."""
+prompts, and re-ranking of candidates (by the generator itself or by CLIP), on a tiny random checkpoint."""
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +173,7 @@ def test_negative_prompt_of_the_empty_caption_is_plain_guidance(pipe):
 def test_reranking_keeps_the_argmax_of_the_clip_similarity(tiny, pipe, tmp_path, capsys):
     out = tmp_path / "best.png"
     code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(out), "--steps", "3",
-                        "--seed", "4", "--num-images", "2", "--candidates", "3", "--clip", str(tiny / "clip"),
+                        "--seed", "4", "--num-images", "2", "--candidates", "3", "--rerank", "clip", "--clip", str(tiny / "clip"),
                         "--upscale", "1", "--device", "cpu"])
     assert code == 0
     defaults = sample.build_parser().get_default
@@ -189,9 +189,34 @@ def test_reranking_keeps_the_argmax_of_the_clip_similarity(tiny, pipe, tmp_path,
     assert "kept" in capsys.readouterr().err
 
 
+def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_path, capsys):
+    out = tmp_path / "best.png"
+    code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(out), "--steps", "3",
+                        "--seed", "4", "--num-images", "2", "--upscale", "1", "--device", "cpu"])
+    assert code == 0
+    C, defaults = sample.DEFAULT_CANDIDATES, sample.build_parser().get_default
+    assert C > 1 and f"self scores of the {C} candidates" in capsys.readouterr().err
+    tokens = pipe.generate(PROMPT, seed=4, num_images=2 * C, steps=3, guidance_scale=defaults("guidance"),
+                           temperature=defaults("temperature"))  # the same 2 x C draws
+    text = pipe.text_tokens([PROMPT]).expand(2 * C, -1)
+    scores = pipe.model.self_score(text, tokens, generator=torch.Generator().manual_seed(4)).view(2, C)
+    candidates = pipe.decode(tokens)
+    for i in range(2):
+        assert len(set(scores[i].tolist())) == C  # distinct scores: the choice is visible
+        with Image.open(out.with_name(f"best-{i}.png")) as kept:
+            assert np.array_equal(np.asarray(kept), np.asarray(candidates[i * C + int(scores[i].argmax())]))
+            assert '"rerank": "self"' in kept.text["parameters"]
+
+
+def test_self_reranking_on_onnx_is_a_user_error(tiny, tmp_path, capsys):
+    code = sample.main([PROMPT, "--backend", "onnx", "--onnx-dir", str(tmp_path), "--candidates", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--rerank self needs the PyTorch generator" in err and "Traceback" not in err
+
+
 def test_reranking_without_a_clip_checkpoint_is_a_user_error(tiny, tmp_path, capsys):
     code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(tmp_path / "x.png"),
-                        "--candidates", "2", "--clip", str(tmp_path / "missing"), "--device", "cpu"])
+                        "--candidates", "2", "--rerank", "clip", "--clip", str(tmp_path / "missing"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "does not exist" in err and "Traceback" not in err
 
