@@ -46,7 +46,7 @@ DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
 # Sampling defaults: the best of the README's sweep on the shapes demo (T = 16).
 DEFAULT_TEMPERATURE = 0.7  # token sampling temperature; 1 draws from the model as it is
 DEFAULT_GUIDANCE = 1.5  # classifier-free guidance scale; 1 turns it off and halves the work per round
-DEFAULT_CANDIDATES = 4  # drawn per image and re-ranked by --rerank (--backend torch; ONNX draws 1)
+DEFAULT_CANDIDATES = 8  # drawn per image and re-ranked by --rerank (--backend torch; ONNX draws 1)
 MAX_STEPS = 1024  # more rounds than any grid has tokens is never useful
 
 

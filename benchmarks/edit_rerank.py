@@ -1,13 +1,15 @@
-"""Beyond the paper, measured on the shapes world: CLIP re-ranking of candidates, and region edits.
+"""Beyond the paper, measured on the shapes world: re-ranking of candidates, and region edits.
 
-    python benchmarks/edit_rerank.py rerank        # accuracy at T=16 with 1, 4, 16 candidates re-ranked by CLIP
+    python benchmarks/edit_rerank.py rerank        # accuracy at T=16 with 1, 4, 8, 16 candidates, two re-rankers
     python benchmarks/edit_rerank.py region-edit   # pass rate of edits that swap one object for another
 
 rerank: every evaluation caption (or every --every-th) gets max(--candidates) candidates
-per seed from one generate call; for each C the first C candidates are re-ranked by the
-shapes CLIP (`clip_image.load_reranker`) and the best one is scored by `shapes.score`
-(SHAPES.md). The same draws serve every C, so the columns differ only by re-ranking.
-"any of C" is the upper bound a perfect re-ranker would reach.
+per seed from one generate call (eval_fid.generate_scored); for each C the first C
+candidates are re-ranked twice, by the generator's own `Emage.self_score` (sample.py's
+default) and by the shapes CLIP (`clip_image.load_reranker`, the paper's protocol), and
+the best one is scored by `shapes.score` (SHAPES.md). The same draws serve every C and
+both re-rankers, so the columns differ only by re-ranking. "any of C" is the upper bound
+a perfect re-ranker would reach.
 
 region-edit: a two-object evaluation caption is rendered (`shapes.render`, seed s, placed
 as the model's training images were: `Pipeline.render_options`), the
@@ -46,32 +48,36 @@ def rerank(args) -> dict:
     model, tokenizer, vq, info = eval_fid._load_generator(args.checkpoint, "cpu")
     reranker = clip_image.load_reranker(args.clip)
     most = max(args.candidates)
-    passed = {c: [] for c in args.candidates}  # C -> [(caption, passed)]
+    rankers = ("self", "clip")
+    passed = {(r, c): [] for r in rankers for c in args.candidates}  # (re-ranker, C) -> [(caption, passed)]
     oracle = {c: [] for c in args.candidates}
     started = time.perf_counter()
     for s in range(args.seeds):
         for k in range(0, len(captions), args.batch_size):
             batch = captions[k:k + args.batch_size]
             generator = torch.Generator().manual_seed(s * 1_000_003 + k // args.batch_size)
-            images = eval_fid.generate_images(model, tokenizer, vq, batch, generator, num_candidates=most,
-                                              steps=args.steps, temperature=args.temperature,
-                                              guidance_scale=args.guidance).reshape(len(batch), most, 64, 64, 3)
-            for caption, group in zip(batch, images):
-                scores = reranker(group, caption)  # (most,)
+            images, own = eval_fid.generate_scored(model, tokenizer, vq, batch, generator, num_candidates=most,
+                                                   steps=args.steps, temperature=args.temperature,
+                                                   guidance_scale=args.guidance)
+            images = images.reshape(len(batch), most, *images.shape[1:])
+            own = own.reshape(len(batch), most) if most > 1 else np.zeros((len(batch), 1))
+            for caption, group, self_scores in zip(batch, images, own):
+                scores = {"self": self_scores, "clip": reranker(group, caption)}  # (most,) each
                 ok = [shapes.score(Image.fromarray(im), caption) for im in group]
                 for c in args.candidates:
-                    passed[c].append((caption, ok[int(np.argmax(scores[:c]))]))
+                    for r in rankers:
+                        passed[r, c].append((caption, ok[int(np.argmax(scores[r][:c]))]))
                     oracle[c].append((caption, any(ok[:c])))
             print(f"seed {s}, captions {k + len(batch)}/{len(captions)}: {time.perf_counter() - started:.0f} s", flush=True)
-    rows = {c: {"reranked": shapes.accuracy_report(passed[c]), "any_of_c": shapes.accuracy_report(oracle[c])}
-            for c in args.candidates}
-    print(f"\nshapes accuracy, T={args.steps}, {len(captions)} captions x {args.seeds} seeds "
-          f"({info.get('variant')}, step {info.get('step')}), CLIP {args.clip}\n")
-    print("| candidates | seen | novel | all | any of C passes (all) |\n|---|---|---|---|---|")
+    rows = {c: {**{r: shapes.accuracy_report(passed[r, c]) for r in rankers},
+                "any_of_c": shapes.accuracy_report(oracle[c])} for c in args.candidates}
+    print(f"\nshapes accuracy (seen / novel), T={args.steps}, {len(captions)} captions x {args.seeds} seeds "
+          f"({info.get('variant')}, step {info.get('step')}), temperature {args.temperature}, "
+          f"guidance {args.guidance}, CLIP {args.clip}\n")
+    print("| candidates | self-score | CLIP | any of C passes |\n|---|---|---|---|")
+    pair = lambda a: f"{a['seen']['accuracy']:.3f} / {a['novel']['accuracy']:.3f}"  # noqa: E731
     for c, r in rows.items():
-        a = r["reranked"]
-        print(f"| {c} | {a['seen']['accuracy']:.3f} | {a['novel']['accuracy']:.3f} | {a['all']['accuracy']:.3f} "
-              f"| {r['any_of_c']['all']['accuracy']:.3f} |")
+        print(f"| {c} | {pair(r['self'])} | {pair(r['clip'])} | {pair(r['any_of_c'])} |")
     return {"settings": {**{k: str(v) for k, v in vars(args).items() if k != "run"}, "captions": len(captions)},
             "rows": {str(c): r for c, r in rows.items()}, "seconds": round(time.perf_counter() - started)}
 
@@ -122,13 +128,14 @@ def region_edit(args) -> dict:
             "results": results, "seconds": round(time.perf_counter() - started)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("rerank", help="accuracy with 1, 4, 16 candidates re-ranked by CLIP", formatter_class=fmt)
+    p = sub.add_parser("rerank", help="accuracy with 1, 4, 8, 16 candidates, re-ranked by the self-score and by CLIP",
+                       formatter_class=fmt)
     p.add_argument("--clip", default=str(clip_image.SHAPES_CLIP), help="whole CLIP checkpoint")
-    p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16], help="candidate counts to compare")
+    p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8, 16], help="candidate counts to compare")
     p.add_argument("--every", type=int, default=1, help="use every N-th evaluation caption (1 = all 240)")
     p.add_argument("--batch-size", type=int, default=16, help="captions per generate call")
     p.set_defaults(run=rerank)
@@ -138,11 +145,17 @@ def main(argv=None) -> int:
     for p in sub.choices.values():
         p.add_argument("--checkpoint", default=str(sample.DEMO_CHECKPOINT), help="Emage checkpoint")
         p.add_argument("--steps", type=int, default=16, help="mask-predict rounds T")
-        p.add_argument("--seeds", type=int, default=1 if p.prog.endswith("rerank") else 100, help="seeds")
+        ranking = p.prog.endswith("rerank")  # at sample.py's settings; region-edit without guidance
+        p.add_argument("--seeds", type=int, default=2 if ranking else 100, help="seeds")
         p.add_argument("--threads", type=int, default=1, help="CPU threads")
         p.add_argument("--temperature", type=float, default=sample.DEFAULT_TEMPERATURE, help="token sampling temperature")
-        p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    args = parser.parse_args(argv)
+        p.add_argument("--guidance", type=float, default=sample.DEFAULT_GUIDANCE if ranking else 1.0,
+                       help="classifier-free guidance scale (1 = off)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     report = args.run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -242,3 +242,18 @@ def test_region_edits_of_the_shipped_demo_pass_in_a_majority_of_seeds():
     report = edit_rerank.region_edit(args)
     assert report["pass_rate"] > 0.5
     assert all(0 < r["cells_redrawn"] < 64 for r in report["results"])  # only the region is redrawn
+
+
+def test_rerank_benchmark_ranks_the_same_draws_twice():
+    """benchmarks/edit_rerank.py rerank on the shipped demo, 4 captions: with one candidate both
+    re-rankers keep it, and no re-ranker beats "any of C passes"."""
+    from benchmarks import edit_rerank
+
+    parser_args = ["rerank", "--every", "60", "--candidates", "1", "3", "--seeds", "1", "--steps", "4"]
+    args = edit_rerank.build_parser().parse_args(parser_args)
+    rows = edit_rerank.rerank(args)["rows"]
+    accuracy = lambda row, kind: row[kind]["all"]["accuracy"]  # noqa: E731
+    assert rows["1"]["self"] == rows["1"]["clip"] == rows["1"]["any_of_c"]
+    for kind in ("self", "clip"):
+        assert accuracy(rows["3"], kind) <= accuracy(rows["3"], "any_of_c")
+    assert accuracy(rows["1"], "any_of_c") <= accuracy(rows["3"], "any_of_c")
