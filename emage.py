@@ -781,10 +781,11 @@ class Emage(nn.Module):
         Beyond the paper, a re-ranker for generate()'s candidates that needs no CLIP. For
         each hide-set H the decoder reads the caption and the image with H replaced by
         [mask], and the score adds log p(y_i) over i in H: a pseudo-likelihood. With
-        colour-factored codes H is every token of one colour (colour_hide_sets), so an
-        object drawn on the wrong side, a wrong shape or an extra object scores low, the
-        question object_mask trains; otherwise H is a random half of the positions,
-        `random_sets` times. text_tokens[B, L] and image_tokens[B, n], one caption per row.
+        colour-factored codes H is every token of one colour (colour_hide_sets), the
+        question object_mask trains: on the shapes demo an extra or misshapen object then
+        scores low, a swapped relation less reliably (README). Otherwise H is a random half
+        of the positions, `random_sets` times. text_tokens[B, L] and image_tokens[B, n],
+        one caption per row.
         """
         c = self.config
         if text_tokens.shape[0] != image_tokens.shape[0]:

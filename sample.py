@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of the selected tokens redrawn, at random; unset: 1 with --mask/--region/--place, "
                            "0.5 for a variation")
     edit.add_argument("--show-edit", action="store_true", help="also write <out>-edit.png: input | mask | output")
-    rank = parser.add_argument_group("re-ranking (the paper's protocol: 16 candidates, best by CLIP)")
+    rank = parser.add_argument_group("re-ranking (each image is the best of --candidates; the paper ranks 16 by CLIP)")
     rank.add_argument("--candidates", type=int,
                       help=f"candidates drawn per image, in one batch; the best is kept (default: "
                            f"{DEFAULT_CANDIDATES} with --backend torch, 1 with onnx)")
