@@ -319,18 +319,14 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
                     num_candidates: int = 1, **generate_kw) -> np.ndarray:
     """(B * num_candidates, H, W, 3) uint8 images, candidates of one caption adjacent."""
-    device = next(model.parameters()).device
-    tokens = tokenizer(captions, context_length=model.config.text.context_length).to(device)  # (B, L)
-    image_tokens = model.generate(tokens, num_candidates=num_candidates, generator=generator,
-                                  **generate_kw)  # (B * C, n)
-    h, w = model.config.grid
-    return _to_uint8(vq.decode(image_tokens.view(-1, h, w)))  # (B * C, H, W, 3)
+    return generate_scored(model, tokenizer, vq, captions, generator, num_candidates, score=False, **generate_kw)[0]
 
 
 @torch.no_grad()
 def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
-                    num_candidates: int = 1, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
-    """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate.
+                    num_candidates: int = 1, score: bool = True, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
+    """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate
+    (or score=False).
 
     The score's random hide-sets (codes without colours) come from `generator` after the images.
     """
@@ -338,7 +334,7 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
     text = tokenizer(captions, context_length=model.config.text.context_length).to(device)  # (B, L)
     tokens = model.generate(text, num_candidates=num_candidates, generator=generator, **generate_kw)  # (B * C, n)
     scores = None
-    if num_candidates > 1:
+    if score and num_candidates > 1:
         rows = text.repeat_interleave(num_candidates, 0)  # (B * C, L)
         scores = model.self_score(rows, tokens, generator=generator).float().cpu().numpy()
     h, w = model.config.grid

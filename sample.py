@@ -129,6 +129,13 @@ class Pipeline:
         return self.model.self_score(text, tokens, generator=generator).float().cpu().numpy()
 
     @torch.no_grad()
+    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, **options) -> torch.Tensor:
+        """One image as sample.py draws it: the best of `candidates` by the self-score, tokens [1, n]."""
+        tokens = self.generate(prompt, seed=seed, num_images=candidates, **options)
+        best = int(np.argmax(self.self_scores(prompt, tokens, seed=seed))) if candidates > 1 else 0
+        return tokens[best:best + 1]
+
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """Token maps [B, n] -> RGB images."""
         h, w = self.model.config.grid

@@ -15,8 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -43,12 +41,8 @@ EDIT_REGION = "32,0,64,64"
 
 def samples(pipe: sample.Pipeline, out: Path, seed: int) -> None:
     default = sample.build_parser().get_default  # what `python sample.py "prompt"` uses
-    images = []
-    for prompt in PROMPTS:  # the best of sample.DEFAULT_CANDIDATES by the self-score, as sample.py keeps
-        tokens = pipe.generate(prompt, seed=seed, num_images=sample.DEFAULT_CANDIDATES,
-                               guidance_scale=default("guidance"), temperature=default("temperature"))
-        best = int(np.argmax(pipe.self_scores(prompt, tokens, seed=seed)))
-        images.append(pipe.decode(tokens[best:best + 1])[0])
+    images = [pipe.decode(pipe.best_of(p, sample.DEFAULT_CANDIDATES, seed=seed, guidance_scale=default("guidance"),
+                                       temperature=default("temperature")))[0] for p in PROMPTS]
     verdicts = ["pass" if shapes.score(im, p) else "fail" for im, p in zip(images, PROMPTS)]
     image_grid(images, [f"{p} [{v}]" for p, v in zip(PROMPTS, verdicts)], scale=3, cols=5).save(out)
     print(f"wrote {out}: {verdicts.count('pass')} of {len(PROMPTS)} pass the scorer")

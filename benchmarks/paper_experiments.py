@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,9 +61,7 @@ def latency(checkpoint: Path, candidates: int = 1, **options) -> float:
     times = []
     for i in range(6):  # the first run warms up
         started = time.perf_counter()
-        tokens = pipe.generate(LATENCY_CAPTION, seed=i, num_images=candidates, **options)
-        best = int(np.argmax(pipe.self_scores(LATENCY_CAPTION, tokens, seed=i))) if candidates > 1 else 0
-        pipe.decode(tokens[best:best + 1])
+        pipe.decode(pipe.best_of(LATENCY_CAPTION, candidates, seed=i, **options))
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 

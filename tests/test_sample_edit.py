@@ -208,6 +208,14 @@ def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_pa
             assert '"rerank": "self"' in kept.text["parameters"]
 
 
+def test_best_of_keeps_the_candidate_with_the_highest_self_score(pipe):
+    tokens = pipe.generate(PROMPT, seed=2, num_images=5, steps=3)
+    scores = pipe.self_scores(PROMPT, tokens, seed=2)
+    best = pipe.best_of(PROMPT, 5, seed=2, steps=3)
+    assert torch.equal(best, tokens[int(np.argmax(scores))][None])
+    assert torch.equal(pipe.best_of(PROMPT, 1, seed=2, steps=3), pipe.generate(PROMPT, seed=2, steps=3))  # plain draw
+
+
 def test_self_reranking_on_onnx_is_a_user_error(tiny, tmp_path, capsys):
     code = sample.main([PROMPT, "--backend", "onnx", "--onnx-dir", str(tmp_path), "--candidates", "2"])
     err = capsys.readouterr().err
