@@ -62,6 +62,7 @@ VARIANTS = ("full", 1, 2, 3, "ar")  # the models of Fig. 2 (a)-(d) and the autor
 ALGORITHMS = ("full", 1, 3, "ar")  # inference procedures
 DEFAULT_ALGORITHM = {"full": "full", 1: 1, 2: 1, 3: 3, "ar": "ar"}  # Section 3.3: #2 decodes like #1
 SCHEDULES = ("linear", "cosine")
+CONTRAST_WEIGHT = 0.25  # self_score's weight on the caption-against-contrast log-ratio (README: re-ranking)
 
 
 def parse_variant(value) -> str | int:
@@ -775,7 +776,9 @@ class Emage(nn.Module):
 
     @torch.no_grad()
     def self_score(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor,
-                   generator: torch.Generator | None = None, random_sets: int = 4) -> torch.Tensor:
+                   generator: torch.Generator | None = None, random_sets: int = 4,
+                   contrast_tokens: torch.Tensor | None = None,
+                   contrast_weight: float = CONTRAST_WEIGHT) -> torch.Tensor:
         """How well the generator predicts each part of an image from the rest: FloatTensor[B].
 
         Beyond the paper, a re-ranker for generate()'s candidates that needs no CLIP. For
@@ -786,6 +789,13 @@ class Emage(nn.Module):
         scores low, a swapped relation less reliably (README). Otherwise H is a random half
         of the positions, `random_sets` times. text_tokens[B, L] and image_tokens[B, n],
         one caption per row.
+
+        contrast_tokens[B, L'] names, per row, a caption the image should not match (on
+        the shapes world: the caption with its relation mirrored, shapes.mirrored). The
+        score then adds contrast_weight * [log p(Y | all [mask], caption) - log p(Y | all
+        [mask], contrast)]: how much better the caption than its contrast explains the
+        layout, read from the first round's predictions, where the layout is decided. A
+        row whose contrast is its own caption adds 0.
         """
         c = self.config
         if text_tokens.shape[0] != image_tokens.shape[0]:
@@ -803,7 +813,19 @@ class Emage(nn.Module):
         inputs = torch.where(hide.flatten(0, 1), torch.full_like(targets, c.mask_id), targets)
         logits = self.round_logits(inputs, text_kv.repeat(M, *[1] * (text_kv.dim() - 1)),
                                    text_mask.repeat(M, 1, 1, 1))  # (M * B, n, K)
-        return hidden_log_likelihood(logits, targets, hide.flatten(0, 1)).view(M, -1).sum(0)  # (B,)
+        score = hidden_log_likelihood(logits, targets, hide.flatten(0, 1)).view(M, -1).sum(0)  # (B,)
+        if contrast_tokens is None:
+            return score
+        if contrast_tokens.shape[0] != image_tokens.shape[0]:
+            raise EmageError(f"self_score needs one contrast caption per image, got {contrast_tokens.shape[0]} "
+                             f"for {image_tokens.shape[0]} images")
+        masked = torch.full_like(image_tokens, c.mask_id)  # the input of round 1
+        everything = torch.ones_like(image_tokens, dtype=torch.bool)
+
+        def first_round(text):  # log p(Y | all [mask], text): (B,)
+            return hidden_log_likelihood(self.round_logits(masked, *self.encode_text(text)), image_tokens, everything)
+
+        return score + contrast_weight * (first_round(text_tokens) - first_round(contrast_tokens))
 
     def _embed(self, tokens, caches=None):
         """Token + position embeddings; with an AR cache, positions continue after the cached ones."""

@@ -328,15 +328,25 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
     """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate
     (or score=False).
 
-    The score's random hide-sets (codes without colours) come from `generator` after the images.
+    As in sample.py, a shapes caption with a relation is scored against its mirror
+    (shapes.contrast_for). The score's random hide-sets (codes without colours) come from
+    `generator` after the images.
     """
+    import shapes
+
     device = next(model.parameters()).device
-    text = tokenizer(captions, context_length=model.config.text.context_length).to(device)  # (B, L)
+    tokenize = lambda texts: tokenizer(texts, context_length=model.config.text.context_length).to(device)  # noqa: E731
+    text = tokenize(captions)  # (B, L)
     tokens = model.generate(text, num_candidates=num_candidates, generator=generator, **generate_kw)  # (B * C, n)
     scores = None
     if score and num_candidates > 1:
+        contrasts = [shapes.contrast_for(caption) for caption in captions]
+        contrast = None
+        if any(contrasts):  # a caption without a contrast is contrasted with itself: adds 0
+            contrast = tokenize([c or caption for c, caption in zip(contrasts, captions)])
+            contrast = contrast.repeat_interleave(num_candidates, 0)
         rows = text.repeat_interleave(num_candidates, 0)  # (B * C, L)
-        scores = model.self_score(rows, tokens, generator=generator).float().cpu().numpy()
+        scores = model.self_score(rows, tokens, generator=generator, contrast_tokens=contrast).float().cpu().numpy()
     h, w = model.config.grid
     return _to_uint8(vq.decode(tokens.view(-1, h, w))), scores
 

@@ -24,7 +24,9 @@ tokens (default: all of them; 0.5 for a variation).
 Every image is the best of `--candidates` candidates drawn in one batch. The paper ranks 16
 candidates by CLIP image-text similarity (Section 4, `--rerank clip`); by default they are
 ranked by the generator itself (`--rerank self`, `Emage.self_score`: how well it predicts
-each object of a candidate from the rest and the caption).
+each object of a candidate from the rest and the caption, and how much better the caption
+than `--contrast` explains its layout; for a shapes prompt with a relation the contrast is
+the mirrored prompt, "a red circle to the right of a blue square").
 """
 from __future__ import annotations
 
@@ -122,17 +124,26 @@ class Pipeline:
                                    return_history=return_history, **options)
 
     @torch.no_grad()
-    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0) -> np.ndarray:
-        """Emage.self_score of each candidate [B, n] under the prompt: (B,), higher is better."""
+    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0, contrast: str | None = None) -> np.ndarray:
+        """Emage.self_score of each candidate [B, n] under the prompt, against `contrast` if given:
+        (B,), higher is better."""
         text = self.text_tokens([prompt]).expand(len(tokens), -1)
+        against = self.text_tokens([contrast]).expand(len(tokens), -1) if contrast is not None else None
         generator = torch.Generator(self.device).manual_seed(seed)  # random hide-sets of codes without colours
-        return self.model.self_score(text, tokens, generator=generator).float().cpu().numpy()
+        scores = self.model.self_score(text, tokens, generator=generator, contrast_tokens=against)
+        return scores.float().cpu().numpy()
 
     @torch.no_grad()
     def best_of(self, prompt: str, candidates: int, *, seed: int = 0, **options) -> torch.Tensor:
-        """One image as sample.py draws it: the best of `candidates` by the self-score, tokens [1, n]."""
+        """One image as sample.py draws it: the best of `candidates` by the self-score against
+        the default contrast (shapes.contrast_for), tokens [1, n]."""
+        import shapes
+
         tokens = self.generate(prompt, seed=seed, num_images=candidates, **options)
-        best = int(np.argmax(self.self_scores(prompt, tokens, seed=seed))) if candidates > 1 else 0
+        if candidates == 1:
+            return tokens
+        scores = self.self_scores(prompt, tokens, seed=seed, contrast=shapes.contrast_for(prompt))
+        best = int(np.argmax(scores))
         return tokens[best:best + 1]
 
     @torch.no_grad()
@@ -341,13 +352,26 @@ def check_args(args) -> None:
         raise SampleError("editing needs the VQGAN encoder, which the exported ONNX graphs lack: use --backend torch")
 
 
+def contrast_caption(args) -> str | None:
+    """--contrast as the self-score uses it: unset = the prompt mirrored (shapes.contrast_for), 'none' = off."""
+    import shapes
+
+    if args.contrast is None:
+        return shapes.contrast_for(args.prompt)
+    if args.contrast.strip().lower() == "none":
+        return None
+    if not args.contrast.strip():
+        raise SampleError("--contrast is empty: pass a caption the image must not match, or 'none'")
+    return clean_prompt(args.contrast)
+
+
 def rerank_scores(args, pipe, clip, tokens: torch.Tensor, images: list) -> np.ndarray | None:
     """One score per candidate (higher is better), or None with a single candidate."""
     if args.candidates == 1:
         return None
     if args.rerank == "clip":
         return np.asarray(clip(np.stack([np.asarray(im) for im in images]), args.prompt))
-    return pipe.self_scores(args.prompt, tokens, seed=args.seed)
+    return pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--rerank", default="self", choices=("self", "clip"),
                       help="how candidates are scored: by the generator itself (Emage.self_score, beyond "
                            "the paper) or by CLIP image-text similarity (the paper's)")
+    rank.add_argument("--contrast",
+                      help="with --rerank self: a caption the image must not match; candidates whose layout it "
+                           "explains as well as the prompt score lower (default: the prompt with its relation "
+                           "mirrored, for a shapes prompt with a relation; 'none' turns it off)")
     rank.add_argument("--clip", type=Path, default=ROOT / "checkpoints" / "shapes" / "clip",
                       help="whole CLIP checkpoint for --rerank clip (clip_image.load_reranker reads it)")
     return parser
@@ -411,6 +439,7 @@ def main(argv=None) -> int:
     try:
         args.prompt = clean_prompt(args.prompt)
         check_args(args)
+        args.contrast = contrast_caption(args)
         started = time.perf_counter()
         if args.backend == "onnx":  # tokens, noise and images on the host; the graphs where --device says
             pipe = export_onnx.OnnxPipeline.load(args.onnx_dir, args.device)
@@ -460,6 +489,8 @@ def main(argv=None) -> int:
             parameters.update(candidates=C, rerank=args.rerank)
             if args.rerank == "clip":
                 parameters.update(clip=str(args.clip))
+            elif args.contrast is not None:
+                parameters.update(contrast=args.contrast)
         if args.init_image is not None:
             parameters.update(init_image=str(args.init_image), mask=args.mask and str(args.mask), region=args.region,
                               place=args.place, strength=args.strength)

@@ -43,6 +43,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 12, "large": 22}  # bounding-box side in pixels
 SIZE_JITTER = 1  # the renderer may vary a side by +-1 px
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 HELD_OUT = frozenset({("purple", "triangle"), ("yellow", "square"), ("cyan", "circle")})
 MIN_GAP = 2  # px of background between two bounding boxes
 RELATION_OFFSET = 16  # px between centres along the relation's axis when rendering
@@ -165,6 +166,22 @@ def parse(text: str) -> Caption:
 def is_novel(caption: str | Caption) -> bool:
     """True if the caption names a held-out colour-shape pair."""
     return (parse(caption) if isinstance(caption, str) else caption).is_novel
+
+
+def mirrored(caption: str | Caption) -> str | None:
+    """The caption with its relation reversed ("A to the left of B" -> "A to the right of B"),
+    which the picture of the caption must not match; None for a one-object caption."""
+    parsed = parse(caption) if isinstance(caption, str) else caption
+    return None if parsed.relation is None else str(Caption(parsed.objects, OPPOSITE[parsed.relation]))
+
+
+def contrast_for(text: str) -> str | None:
+    """The caption a picture of `text` must not match, for re-ranking (Emage.self_score's
+    contrast): the mirrored caption for a shapes caption with a relation, else None (any text)."""
+    try:
+        return mirrored(text)
+    except ShapesError:
+        return None
 
 
 def _random_object(rng: random.Random, split: str) -> Obj:
@@ -369,7 +386,6 @@ FAILURE_KINDS = {
     "swapped": "the right objects, in the opposite relation (A left of B drawn as B left of A)",
     "relation": "the right objects, neither in the relation nor in its opposite",
 }
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,25 @@ def test_self_score_without_colours_hides_random_halves_in_the_documented_order(
         model.self_score(text[:2], y)
 
 
+def test_self_score_adds_the_weighted_first_round_log_ratio_against_the_contrast():
+    model, text, y = tiny_model(colours=4).eval(), captions(4), images(4, seed=5)
+    contrast = captions(4, seed=11)
+    contrast[2] = text[2]  # a caption contrasted with itself adds nothing
+    base = model.self_score(text, y)
+    got = model.self_score(text, y, contrast_tokens=contrast, contrast_weight=0.5)
+    everything = torch.ones(1, N, dtype=torch.bool)
+    expected = base.clone()
+    with torch.no_grad():
+        for b in range(4):
+            for caption, sign in ((text[b : b + 1], 1), (contrast[b : b + 1], -1)):
+                logits = model.round_logits(torch.full((1, N), M), *model.encode_text(caption))[0]
+                expected[b] += sign * 0.5 * F.log_softmax(logits, -1)[torch.arange(N), y[b]].sum()
+    assert torch.allclose(got, expected, atol=1e-3)
+    assert torch.isclose(got[2], base[2], atol=1e-4) and not torch.allclose(got, base)
+    with pytest.raises(EmageError, match="one contrast caption per image"):
+        model.self_score(text, y, contrast_tokens=contrast[:3])
+
+
 def test_sample_tokens_inverse_cdf():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     logits = probs.log().expand(1, 5, 4)

@@ -537,15 +537,22 @@ def test_shapes_accuracy_scores_the_candidate_with_the_best_self_score(tiny_chec
 
 
 def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoint):
+    """Against the mirrored caption where there is a relation, as sample.py scores."""
     model, tokenizer, vq, _ = eval_fid._load_generator(tiny_checkpoint, "cpu")
-    captions = ["a red circle", "a blue square"]
+    captions = ["a red circle", "a blue square above a red circle"]
     images, scores = eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),
                                               num_candidates=3, steps=2)
     again = torch.Generator().manual_seed(1)
-    text = tokenizer(captions, context_length=model.config.text.context_length)
-    tokens = model.generate(text, num_candidates=3, generator=again, steps=2)
-    expected = model.self_score(text.repeat_interleave(3, 0), tokens, generator=again)
-    assert images.shape[0] == 6 and np.allclose(scores, expected.numpy())
+    tokenize = lambda texts: tokenizer(texts, context_length=model.config.text.context_length)  # noqa: E731
+    text = tokenize(captions).repeat_interleave(3, 0)
+    tokens = model.generate(tokenize(captions), num_candidates=3, generator=again, steps=2)
+    contrast = tokenize(["a red circle", "a blue square below a red circle"]).repeat_interleave(3, 0)
+    expected = model.self_score(text, tokens, generator=again, contrast_tokens=contrast)
+    assert images.shape[0] == 6 and np.allclose(scores, expected.numpy(), atol=1e-4)
+    once_more = torch.Generator().manual_seed(1)
+    model.generate(tokenize(captions), num_candidates=3, generator=once_more, steps=2)  # the same random state
+    plain = model.self_score(text, tokens, generator=once_more)
+    assert np.allclose(scores[:3], plain[:3].numpy(), atol=1e-4) and not np.allclose(scores[3:], plain[3:].numpy())
 
 
 def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_features):

@@ -1,5 +1,6 @@
 """sample.py beyond plain generation: editing (inpainting, outpainting, variation), negative
 prompts, and re-ranking of candidates (by the generator itself or by CLIP), on a tiny random checkpoint."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -189,28 +190,45 @@ def test_reranking_keeps_the_argmax_of_the_clip_similarity(tiny, pipe, tmp_path,
     assert "kept" in capsys.readouterr().err
 
 
-def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_path, capsys):
+MIRRORED = PROMPT.replace("left", "right")
+
+
+@pytest.mark.parametrize("flags, contrast", [([], MIRRORED), (["--contrast", "none"], None),
+                                             (["--contrast", "a blue square"], "a blue square")])
+def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_path, capsys, flags, contrast):
+    """Against the mirrored prompt unless --contrast says otherwise."""
     out = tmp_path / "best.png"
     code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(out), "--steps", "3",
-                        "--seed", "4", "--num-images", "2", "--upscale", "1", "--device", "cpu"])
+                        "--seed", "4", "--num-images", "2", "--upscale", "1", "--device", "cpu", *flags])
     assert code == 0
     C, defaults = sample.DEFAULT_CANDIDATES, sample.build_parser().get_default
     assert C > 1 and f"self scores of the {C} candidates" in capsys.readouterr().err
     tokens = pipe.generate(PROMPT, seed=4, num_images=2 * C, steps=3, guidance_scale=defaults("guidance"),
                            temperature=defaults("temperature"))  # the same 2 x C draws
     text = pipe.text_tokens([PROMPT]).expand(2 * C, -1)
-    scores = pipe.model.self_score(text, tokens, generator=torch.Generator().manual_seed(4)).view(2, C)
+    against = pipe.text_tokens([contrast]).expand(2 * C, -1) if contrast else None
+    scores = pipe.model.self_score(text, tokens, generator=torch.Generator().manual_seed(4),
+                                   contrast_tokens=against).view(2, C)
     candidates = pipe.decode(tokens)
     for i in range(2):
         assert len(set(scores[i].tolist())) == C  # distinct scores: the choice is visible
         with Image.open(out.with_name(f"best-{i}.png")) as kept:
             assert np.array_equal(np.asarray(kept), np.asarray(candidates[i * C + int(scores[i].argmax())]))
-            assert '"rerank": "self"' in kept.text["parameters"]
+            parameters = json.loads(kept.text["parameters"])
+            assert parameters["rerank"] == "self" and parameters.get("contrast") == contrast
+
+
+def test_an_empty_contrast_is_a_user_error(tiny, tmp_path, capsys):
+    code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(tmp_path / "x.png"),
+                        "--contrast", " ", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--contrast is empty" in err and "Traceback" not in err
 
 
 def test_best_of_keeps_the_candidate_with_the_highest_self_score(pipe):
     tokens = pipe.generate(PROMPT, seed=2, num_images=5, steps=3)
-    scores = pipe.self_scores(PROMPT, tokens, seed=2)
+    scores = pipe.self_scores(PROMPT, tokens, seed=2, contrast=MIRRORED)
+    assert not np.allclose(scores, pipe.self_scores(PROMPT, tokens, seed=2))  # the contrast counts
     best = pipe.best_of(PROMPT, 5, seed=2, steps=3)
     assert torch.equal(best, tokens[int(np.argmax(scores))][None])
     assert torch.equal(pipe.best_of(PROMPT, 1, seed=2, steps=3), pipe.generate(PROMPT, seed=2, steps=3))  # plain draw

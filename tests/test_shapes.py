@@ -108,6 +108,18 @@ def test_parse_normalises(text):
     assert str(shapes.parse(text)) == "a red circle to the left of a blue square"
 
 
+def test_mirrored_caption_is_drawn_by_the_swapped_layout():
+    caption = "a small red circle above a blue square"
+    assert shapes.mirrored(caption) == "a small red circle below a blue square"
+    assert shapes.mirrored(shapes.mirrored("A red circle to the LEFT of a blue square")) == \
+        "a red circle to the left of a blue square"
+    assert shapes.mirrored("a red circle") is None
+    for seed in range(5):  # a picture of the mirrored caption is the caption's swapped failure
+        assert shapes.score_details(shapes.render(shapes.mirrored(caption), seed), caption).kind == "swapped"
+    with pytest.raises(shapes.ShapesError):
+        shapes.mirrored("a red banana")
+
+
 def test_train_stream_never_names_held_out_pairs():
     rng = random.Random(0)
     evaluation = set(shapes.eval_captions())
