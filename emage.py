@@ -819,11 +819,13 @@ class Emage(nn.Module):
         if contrast_tokens.shape[0] != image_tokens.shape[0]:
             raise EmageError(f"self_score needs one contrast caption per image, got {contrast_tokens.shape[0]} "
                              f"for {image_tokens.shape[0]} images")
-        masked = torch.full_like(image_tokens, c.mask_id)  # the input of round 1
         everything = torch.ones_like(image_tokens, dtype=torch.bool)
 
-        def first_round(text):  # log p(Y | all [mask], text): (B,)
-            return hidden_log_likelihood(self.round_logits(masked, *self.encode_text(text)), image_tokens, everything)
+        def first_round(text):  # log p(Y | all [mask], text): (B,), one decoder pass per distinct caption
+            distinct, row = torch.unique(text, dim=0, return_inverse=True)  # candidates share their caption
+            masked = torch.full((len(distinct), c.n), c.mask_id, dtype=torch.long, device=text.device)  # round 1's input
+            logits = self.round_logits(masked, *self.encode_text(distinct))  # (U, n, K)
+            return hidden_log_likelihood(logits[row], image_tokens, everything)
 
         return score + contrast_weight * (first_round(text_tokens) - first_round(contrast_tokens))
 

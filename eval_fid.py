@@ -324,12 +324,13 @@ def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.
 
 @torch.no_grad()
 def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
-                    num_candidates: int = 1, score: bool = True, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
+                    num_candidates: int = 1, score: bool = True, contrast: bool = True,
+                    **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
     """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate
     (or score=False).
 
     As in sample.py, a shapes caption with a relation is scored against its mirror
-    (shapes.contrast_for). The score's random hide-sets (codes without colours) come from
+    (shapes.contrast_for; contrast=False: against nothing). The score's random hide-sets (codes without colours) come from
     `generator` after the images.
     """
     import shapes
@@ -340,7 +341,7 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
     tokens = model.generate(text, num_candidates=num_candidates, generator=generator, **generate_kw)  # (B * C, n)
     scores = None
     if score and num_candidates > 1:
-        contrasts = [shapes.contrast_for(caption) for caption in captions]
+        contrasts = [shapes.contrast_for(caption) if contrast else None for caption in captions]
         contrast = None
         if any(contrasts):  # a caption without a contrast is contrasted with itself: adds 0
             contrast = tokenize([c or caption for c, caption in zip(contrasts, captions)])
@@ -421,7 +422,8 @@ def clip_reranker(path, device) -> Reranker:
 # ---------------------------------------------------------------------------
 
 def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 2, batch_size: int = 64,
-                    device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, **generate_kw) -> dict:
+                    device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, contrast: bool = True,
+                    **generate_kw) -> dict:
     """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
 
     Returns shapes.accuracy_report(...) plus 'failures' (shapes.failure_report: per split, the
@@ -429,7 +431,8 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     [{'caption', 'seed', 'passed', 'failure', 'any_passed'}].
     Seed s runs the captions in batches with a generator seeded by (s, batch index).
     With `candidates` > 1 each pair keeps the best of its candidates by `Emage.self_score`,
-    as sample.py does; 'any_passed' says whether any candidate would have passed.
+    as sample.py does (against the mirrored caption unless contrast=False); 'any_passed' says
+    whether any candidate would have passed.
     """
     import shapes
     from tqdm import tqdm
@@ -444,7 +447,7 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
         generator = torch.Generator(device=device).manual_seed(s * 1_000_003 + k // batch_size)
         batch = captions[k:k + batch_size]
         images, scores = generate_scored(model, tokenizer, vq, batch, generator, num_candidates=candidates,
-                                         **generate_kw)  # (B * C, H, W, 3), (B * C,)
+                                         contrast=contrast, **generate_kw)  # (B * C, H, W, 3), (B * C,)
         images = images.reshape(len(batch), candidates, *images.shape[1:])
         best = scores.reshape(len(batch), candidates).argmax(1).tolist() if candidates > 1 else [0] * len(batch)
         for j, (caption, group) in enumerate(zip(batch, images)):
@@ -460,7 +463,7 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     report["any_of_candidates"] = shapes.accuracy_report([(r["caption"], r["any_passed"]) for r in results])
     report["results"] = results
     report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
-                          "seeds": seeds, "candidates": candidates,
+                          "seeds": seeds, "candidates": candidates, "contrast": contrast,
                           **{k: v for k, v in generate_kw.items() if v is not None}}
     return report
 
@@ -566,7 +569,7 @@ def cmd_shapes(args) -> None:
     device = _device(args.device)
     captions = shapes.eval_captions()[:args.limit]
     report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, batch_size=args.batch_size,
-                             device=device, save_dir=args.save, candidates=args.candidates,
+                             device=device, save_dir=args.save, candidates=args.candidates, contrast=args.contrast,
                              steps=args.steps, algorithm=args.algorithm,
                              schedule=args.schedule, temperature=args.temperature,
                              guidance_scale=args.guidance_scale, choice_temperature=args.choice_temperature)
@@ -669,6 +672,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N evaluation captions")
     p.add_argument("--candidates", type=_positive, default=1,
                    help="candidates per (caption, seed); the best by Emage.self_score is scored (sample.py's re-ranking)")
+    p.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True,
+                   help="score each candidate against the mirrored caption, as sample.py does")
     p.add_argument("--json", type=Path, default=None, help="write the report (with per-image results) here")
     p.add_argument("--save", type=Path, default=None, help="also write the generated PNGs here")
     p.set_defaults(run=cmd_shapes)

@@ -553,6 +553,9 @@ def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoi
     model.generate(tokenize(captions), num_candidates=3, generator=once_more, steps=2)  # the same random state
     plain = model.self_score(text, tokens, generator=once_more)
     assert np.allclose(scores[:3], plain[:3].numpy(), atol=1e-4) and not np.allclose(scores[3:], plain[3:].numpy())
+    _, off = eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),
+                                      num_candidates=3, steps=2, contrast=False)
+    assert np.allclose(off, plain.numpy(), atol=1e-4)
 
 
 def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_features):
