@@ -330,8 +330,8 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
     (or score=False).
 
     As in sample.py, a shapes caption with a relation is scored against its mirror
-    (shapes.contrast_for; contrast=False: against nothing). The score's random hide-sets (codes without colours) come from
-    `generator` after the images.
+    (shapes.contrast_for; contrast=False: against nothing). The score's random hide-sets
+    (codes without colours) come from `generator` after the images.
     """
     import shapes
 
@@ -342,12 +342,12 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
     scores = None
     if score and num_candidates > 1:
         contrasts = [shapes.contrast_for(caption) if contrast else None for caption in captions]
-        contrast = None
+        against = None
         if any(contrasts):  # a caption without a contrast is contrasted with itself: adds 0
-            contrast = tokenize([c or caption for c, caption in zip(contrasts, captions)])
-            contrast = contrast.repeat_interleave(num_candidates, 0)
+            against = tokenize([c or caption for c, caption in zip(contrasts, captions)])
+            against = against.repeat_interleave(num_candidates, 0)  # (B * C, L)
         rows = text.repeat_interleave(num_candidates, 0)  # (B * C, L)
-        scores = model.self_score(rows, tokens, generator=generator, contrast_tokens=contrast).float().cpu().numpy()
+        scores = model.self_score(rows, tokens, generator=generator, contrast_tokens=against).float().cpu().numpy()
     h, w = model.config.grid
     return _to_uint8(vq.decode(tokens.view(-1, h, w))), scores
 
