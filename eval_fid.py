@@ -37,7 +37,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from inception import INCEPTION_SHA256, INPUT_SIZE, FIDError, InceptionV3, load_inception, resize_bilinear_tf1
 
 
-PROJECT_MODULES = ("__main__", "eval_fid", "inception", "clip_text", "clip_image", "emage", "vqgan", "shapes")
+PROJECT_MODULES = ("__main__", "eval_fid", "inception", "clip_text", "clip_image", "emage", "vqgan", "shapes", "judge",
+                   "data")
 
 
 # ---------------------------------------------------------------------------
@@ -324,15 +325,17 @@ def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.
 
 @torch.no_grad()
 def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
-                    num_candidates: int = 1, score: bool = True, contrast: bool = True,
-                    **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
+                    num_candidates: int = 1, score: bool = True, contrast: bool = True, judge=None,
+                    judge_weight: float | None = None, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
     """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate
     (or score=False).
 
     As in sample.py, a shapes caption with a relation is scored against its mirror
     (shapes.contrast_for; contrast=False: against nothing). The score's random hide-sets
-    (codes without colours) come from `generator` after the images.
+    (codes without colours) come from `generator` after the images. With a `judge`
+    (judge.judge_for), judge_weight (default judge.WEIGHT) times its logit is added.
     """
+    import judge as judges
     import shapes
 
     device = next(model.parameters()).device
@@ -347,7 +350,11 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
             against = tokenize([c or caption for c, caption in zip(contrasts, captions)])
             against = against.repeat_interleave(num_candidates, 0)  # (B * C, L)
         rows = text.repeat_interleave(num_candidates, 0)  # (B * C, L)
-        scores = model.self_score(rows, tokens, generator=generator, contrast_tokens=against).float().cpu().numpy()
+        scores = model.self_score(rows, tokens, generator=generator, contrast_tokens=against).float().cpu()
+        if judge is not None:
+            weight = judges.WEIGHT if judge_weight is None else judge_weight
+            scores = scores + weight * judges.judge_scores(judge, [c for c in captions for _ in range(num_candidates)], tokens)
+        scores = scores.numpy()
     h, w = model.config.grid
     return _to_uint8(vq.decode(tokens.view(-1, h, w))), scores
 
@@ -423,31 +430,37 @@ def clip_reranker(path, device) -> Reranker:
 
 def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 2, batch_size: int = 64,
                     device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, contrast: bool = True,
-                    **generate_kw) -> dict:
+                    judge="none", judge_weight: float | None = None, first_seed: int = 0, **generate_kw) -> dict:
     """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
 
     Returns shapes.accuracy_report(...) plus 'failures' (shapes.failure_report: per split, the
     fraction failing by each kind of shapes.FAILURE_KINDS) and 'results':
     [{'caption', 'seed', 'passed', 'failure', 'any_passed'}].
-    Seed s runs the captions in batches with a generator seeded by (s, batch index).
+    Seed s (first_seed .. first_seed + seeds - 1) runs the captions in batches with a generator
+    seeded by (s, batch index).
     With `candidates` > 1 each pair keeps the best of its candidates by `Emage.self_score`,
-    as sample.py does (against the mirrored caption unless contrast=False); 'any_passed' says
+    as sample.py does (against the mirrored caption unless contrast=False), plus the judge's
+    term (`judge`: "auto", "none" or a folder, as judge.judge_for reads it); 'any_passed' says
     whether any candidate would have passed.
     """
+    import judge as judges
     import shapes
     from tqdm import tqdm
 
     captions = shapes.eval_captions() if captions is None else captions
     model, tokenizer, vq, info = _load_generator(checkpoint, device)
+    judge_path = judge
+    judge = judges.judge_for(info["vqgan_dir"], judge, device) if candidates > 1 else None
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
     results = []
-    jobs = [(s, k) for s in range(seeds) for k in range(0, len(captions), batch_size)]
+    jobs = [(s, k) for s in range(first_seed, first_seed + seeds) for k in range(0, len(captions), batch_size)]
     for s, k in tqdm(jobs, desc="shapes", unit="batch", disable=not progress):
         generator = torch.Generator(device=device).manual_seed(s * 1_000_003 + k // batch_size)
         batch = captions[k:k + batch_size]
         images, scores = generate_scored(model, tokenizer, vq, batch, generator, num_candidates=candidates,
-                                         contrast=contrast, **generate_kw)  # (B * C, H, W, 3), (B * C,)
+                                         contrast=contrast, judge=judge, judge_weight=judge_weight,
+                                         **generate_kw)  # (B * C, H, W, 3), (B * C,)
         images = images.reshape(len(batch), candidates, *images.shape[1:])
         best = scores.reshape(len(batch), candidates).argmax(1).tolist() if candidates > 1 else [0] * len(batch)
         for j, (caption, group) in enumerate(zip(batch, images)):
@@ -463,7 +476,9 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     report["any_of_candidates"] = shapes.accuracy_report([(r["caption"], r["any_passed"]) for r in results])
     report["results"] = results
     report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
-                          "seeds": seeds, "candidates": candidates, "contrast": contrast,
+                          "seeds": seeds, "first_seed": first_seed, "candidates": candidates, "contrast": contrast,
+                          "judge": None if judge is None else str(judges.SHAPES_JUDGE if judge_path == "auto" else judge_path),
+                          "judge_weight": None if judge is None else (judges.WEIGHT if judge_weight is None else judge_weight),
                           **{k: v for k, v in generate_kw.items() if v is not None}}
     return report
 
@@ -568,8 +583,10 @@ def cmd_shapes(args) -> None:
 
     device = _device(args.device)
     captions = shapes.eval_captions()[:args.limit]
-    report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, batch_size=args.batch_size,
+    report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, first_seed=args.first_seed,
+                             batch_size=args.batch_size,
                              device=device, save_dir=args.save, candidates=args.candidates, contrast=args.contrast,
+                             judge=args.judge, judge_weight=args.judge_weight,
                              steps=args.steps, algorithm=args.algorithm,
                              schedule=args.schedule, temperature=args.temperature,
                              guidance_scale=args.guidance_scale, choice_temperature=args.choice_temperature)
@@ -668,12 +685,17 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("shapes", help="accuracy on the shapes evaluation captions", formatter_class=fmt)
     _add_sampling_args(p, batch_size=64)
-    p.add_argument("--seeds", type=_positive, default=2, help="images per caption (seeds 0..N-1)")
+    p.add_argument("--seeds", type=_positive, default=2, help="images per caption (seeds S..S+N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed S (fresh draws for a setting chosen on 0..N-1)")
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N evaluation captions")
     p.add_argument("--candidates", type=_positive, default=1,
                    help="candidates per (caption, seed); the best by Emage.self_score is scored (sample.py's re-ranking)")
     p.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True,
                    help="score each candidate against the mirrored caption, as sample.py does")
+    p.add_argument("--judge", default="none",
+                   help="a judge whose logit is added to the self-score, as sample.py --judge: none, auto (the "
+                        "shipped shapes judge when it reads this VQGAN's codes), or a folder written by judge.py train")
+    p.add_argument("--judge-weight", type=float, default=None, help="weight of the judge's logit (default: judge.WEIGHT)")
     p.add_argument("--json", type=Path, default=None, help="write the report (with per-image results) here")
     p.add_argument("--save", type=Path, default=None, help="also write the generated PNGs here")
     p.set_defaults(run=cmd_shapes)

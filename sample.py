@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from judge import WEIGHT as JUDGE_WEIGHT
+
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
 # Sampling defaults: the best of the README's sweep on the shapes demo (T = 16).
@@ -134,15 +136,20 @@ class Pipeline:
         return scores.float().cpu().numpy()
 
     @torch.no_grad()
-    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, **options) -> torch.Tensor:
+    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, judge=None,
+                judge_weight: float = JUDGE_WEIGHT, **options) -> torch.Tensor:
         """One image as sample.py draws it: the best of `candidates` by the self-score against
-        the default contrast (shapes.contrast_for), tokens [1, n]."""
+        the default contrast (shapes.contrast_for), plus judge_weight times the logit of
+        `judge` (judge.judge_for) if given; tokens [1, n]."""
+        import judge as judges
         import shapes
 
         tokens = self.generate(prompt, seed=seed, num_images=candidates, **options)
         if candidates == 1:
             return tokens
         scores = self.self_scores(prompt, tokens, seed=seed, contrast=shapes.contrast_for(prompt))
+        if judge is not None:
+            scores = scores + judge_weight * judges.judge_scores(judge, [prompt] * candidates, tokens).numpy()
         best = int(np.argmax(scores))
         return tokens[best:best + 1]
 
@@ -365,13 +372,32 @@ def contrast_caption(args) -> str | None:
     return clean_prompt(args.contrast)
 
 
-def rerank_scores(args, pipe, clip, tokens: torch.Tensor, images: list) -> np.ndarray | None:
+def load_judge(args, pipe, device):
+    """The judge --rerank self adds (judge.judge_for), or None: with one candidate, CLIP re-ranking,
+    --judge none, or --judge auto where the shipped judge does not read this model's codes."""
+    import judge
+
+    if args.candidates == 1 or args.rerank != "self":
+        return None
+    if args.backend == "onnx":
+        if args.judge == "auto":
+            return None
+        raise SampleError("--judge needs --backend torch (the ONNX graphs only sample); pass --judge none")
+    return judge.judge_for(pipe.info["vqgan_dir"], args.judge, device)
+
+
+def rerank_scores(args, pipe, clip, judge, tokens: torch.Tensor, images: list) -> np.ndarray | None:
     """One score per candidate (higher is better), or None with a single candidate."""
+    import judge as judges
+
     if args.candidates == 1:
         return None
     if args.rerank == "clip":
         return np.asarray(clip(np.stack([np.asarray(im) for im in images]), args.prompt))
-    return pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast)
+    scores = pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast)
+    if judge is not None:
+        scores = scores + args.judge_weight * judges.judge_scores(judge, [args.prompt] * len(tokens), tokens).numpy()
+    return scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --rerank self: a caption the image must not match; candidates whose layout it "
                            "explains as well as the prompt score lower (default: the prompt with its relation "
                            "mirrored, for a shapes prompt with a relation; 'none' turns it off)")
+    rank.add_argument("--judge", default="none",
+                      help="with --rerank self: also add --judge-weight times the match logit of a judge "
+                           "(judge.py, beyond the paper; off by default, its gain was within noise, see the README): "
+                           "a folder written by `python judge.py train`, auto = the shipped shapes judge when it "
+                           "reads this model's VQGAN codes, or none")
+    rank.add_argument("--judge-weight", type=float, default=JUDGE_WEIGHT,
+                      help="weight of the judge's logit against the self-score (the best of the README's sweep)")
     rank.add_argument("--clip", type=Path, default=ROOT / "checkpoints" / "shapes" / "clip",
                       help="whole CLIP checkpoint for --rerank clip (clip_image.load_reranker reads it)")
     return parser
@@ -431,10 +464,11 @@ def main(argv=None) -> int:
     import clip_text
     import emage
     import export_onnx
+    import judge as judges
     import shapes
     import vqgan
 
-    user_errors = (SampleError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError,
+    user_errors = (SampleError, judges.JudgeError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError,
                    export_onnx.ExportError, OSError)
     try:
         args.prompt = clean_prompt(args.prompt)
@@ -448,6 +482,7 @@ def main(argv=None) -> int:
             device = pick_device(args.device)
             pipe = Pipeline.load(args.checkpoint, device)
         clip = clip_image.load_reranker(args.clip, device=device) if args.candidates > 1 and args.rerank == "clip" else None
+        judge = load_judge(args, pipe, device)
         loaded = time.perf_counter()
         if pipe.knows_only_shapes:
             try:
@@ -468,7 +503,7 @@ def main(argv=None) -> int:
             result = pipe.generate(args.prompt, **options)
             tokens, history = result if args.show_steps else (result, None)
             images = pipe.decode(tokens)  # candidates of one image adjacent
-            scores = rerank_scores(args, pipe, clip, tokens, images)  # (num_images * C,) or None
+            scores = rerank_scores(args, pipe, clip, judge, tokens, images)  # (num_images * C,) or None
         rows = list(range(len(images)))
         if scores is not None:  # keep the best-scoring candidate of each image
             rows = [i * C + int(np.argmax(scores[i * C:(i + 1) * C])) for i in range(args.num_images)]
@@ -489,8 +524,12 @@ def main(argv=None) -> int:
             parameters.update(candidates=C, rerank=args.rerank)
             if args.rerank == "clip":
                 parameters.update(clip=str(args.clip))
-            elif args.contrast is not None:
-                parameters.update(contrast=args.contrast)
+            else:
+                if args.contrast is not None:
+                    parameters.update(contrast=args.contrast)
+                if judge is not None:
+                    where = judges.SHAPES_JUDGE if args.judge == "auto" else Path(args.judge)
+                    parameters.update(judge=str(where), judge_weight=args.judge_weight)
         if args.init_image is not None:
             parameters.update(init_image=str(args.init_image), mask=args.mask and str(args.mask), region=args.region,
                               place=args.place, strength=args.strength)

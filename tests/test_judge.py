@@ -154,3 +154,65 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "judge.py train" in err
     assert judge.main(["train", "--out", str(tmp_path / "j"), "--set", "depth=3"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_mirror_pairs_point_at_each_two_object_caption_and_its_mirror(tokenizer):
+    captions = [shapes.sample_caption(random.Random(i), "train") for i in range(40)]
+    texts, rows, labels, pairs = judge.judge_batch(random.Random(0), captions, torch.zeros(40, 64), 40)
+    two_objects = sum(shapes.parse(c).relation is not None for c in captions)
+    assert len(set(pairs[:, 0].tolist())) == two_objects > 0  # mutate_caption may draw the mirror too
+    for caption_at, mirror_at in pairs.tolist():
+        assert labels[caption_at] == 1 and labels[mirror_at] == 0 and rows[caption_at] == rows[mirror_at]
+        assert texts[mirror_at] == shapes.mirrored(texts[caption_at])
+
+
+def test_mirror_term_is_a_softplus_of_the_margin():
+    logits, labels = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])
+    pairs = torch.tensor([[0, 1]])
+    plain = judge.judge_loss(logits, labels)
+    assert judge.judge_loss(logits, labels, pairs, mirror_weight=0.0) == plain
+    ranked = judge.judge_loss(logits, labels, pairs, mirror_weight=2.0)
+    assert ranked.item() == pytest.approx(plain.item() + 2 * np.log1p(np.exp(1.5)), rel=1e-6)
+
+
+def test_coordinates_are_linear_across_the_grid():
+    model = small_judge(coordinates=True)
+    with torch.no_grad():
+        model.row_positions.zero_()
+        model.column_positions.zero_()
+        model.coordinate_directions.copy_(torch.randn(2, 32))
+        grid = model.image_positions().view(8, 8, -1)
+    steps = grid[:, 1:] - grid[:, :-1]  # one column to the right: the same vector everywhere
+    assert torch.allclose(steps, steps[0, 0].expand_as(steps), atol=1e-6)
+    assert torch.allclose(steps[0, 0], model.coordinate_directions[0] * 2 / 7, atol=1e-6)
+
+
+def test_judge_for_reads_only_judges_of_the_same_vqgan(tmp_path):
+    other = tmp_path / "vqgan"
+    torch.manual_seed(0)
+    small = vqgan.VQGANConfig(resolution=64, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                              z_channels=8, embed_dim=8, n_embed=64, quantizer="vector", norm_groups=1)
+    vqgan.save_vqgan(vqgan.VQGAN(small), other)
+    assert judge.judge_for(PATTERNS, "none") is None
+    assert judge.judge_for(other, "auto") is None  # the shipped judge reads other codes: quietly off
+    with pytest.raises(judge.JudgeError, match="another VQGAN"):
+        judge.judge_for(other, judge.SHAPES_JUDGE)
+    judge.save_judge(small_judge(codebook_size=64, colours=0), tmp_path / "j", clip_text.SHAPES_BPE_PATH, other)
+    model, _ = judge.judge_for(other, tmp_path / "j")
+    assert model.config.codebook_size == 64
+
+
+def test_shipped_judge_reads_the_shipped_tokenizer_and_ranks_renders_above_hard_negatives():
+    """The committed checkpoint: on renders of evaluation captions it puts the caption above the
+    one-word and count negatives (its recorded 'other' accuracy), if not above the mirror."""
+    loaded = judge.judge_for(PATTERNS, "auto")
+    assert loaded is not None
+    captions = [c for c in shapes.eval_captions()[:60]]
+    rng = random.Random(3)
+    image = tokens_of(captions, seed=3)
+    wins = []
+    for caption, row in zip(captions, image):
+        negatives = [n for n in judge.hard_negatives(caption, rng, split="any") if n != shapes.mirrored(caption)]
+        logits = judge.judge_scores(loaded, [caption] + negatives, row.expand(1 + len(negatives), -1))
+        wins += (logits[1:] < logits[0]).tolist()
+    assert np.mean(wins) > 0.9
