@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import data
+    import vqgan
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -488,7 +491,7 @@ def main(argv=None) -> int:
         else:
             model, tokenizer = load_judge(args.judge)
             print(json.dumps(pairwise_accuracy(model, tokenizer, args.vqgan)))
-    except JudgeError as error:
+    except (JudgeError, data.DataError, vqgan.VQGANError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

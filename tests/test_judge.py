@@ -154,6 +154,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "judge.py train" in err
     assert judge.main(["train", "--out", str(tmp_path / "j"), "--set", "depth=3"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+    assert judge.main(["train", "--out", str(tmp_path / "j"), "--vqgan", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
 
 
 def test_mirror_pairs_point_at_each_two_object_caption_and_its_mirror(tokenizer):
