@@ -449,8 +449,8 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
 
     captions = shapes.eval_captions() if captions is None else captions
     model, tokenizer, vq, info = _load_generator(checkpoint, device)
-    judge_path = judge
-    judge = judges.judge_for(info["vqgan_dir"], judge, device) if candidates > 1 else None
+    scorer = judges.judge_for(info["vqgan_dir"], judge, device) if candidates > 1 else None
+    judge_weight = judges.WEIGHT if judge_weight is None else judge_weight
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
     results = []
@@ -459,7 +459,7 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
         generator = torch.Generator(device=device).manual_seed(s * 1_000_003 + k // batch_size)
         batch = captions[k:k + batch_size]
         images, scores = generate_scored(model, tokenizer, vq, batch, generator, num_candidates=candidates,
-                                         contrast=contrast, judge=judge, judge_weight=judge_weight,
+                                         contrast=contrast, judge=scorer, judge_weight=judge_weight,
                                          **generate_kw)  # (B * C, H, W, 3), (B * C,)
         images = images.reshape(len(batch), candidates, *images.shape[1:])
         best = scores.reshape(len(batch), candidates).argmax(1).tolist() if candidates > 1 else [0] * len(batch)
@@ -477,8 +477,8 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     report["results"] = results
     report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
                           "seeds": seeds, "first_seed": first_seed, "candidates": candidates, "contrast": contrast,
-                          "judge": None if judge is None else str(judges.SHAPES_JUDGE if judge_path == "auto" else judge_path),
-                          "judge_weight": None if judge is None else (judges.WEIGHT if judge_weight is None else judge_weight),
+                          "judge": None if scorer is None else str(judges.resolve(judge)),
+                          "judge_weight": None if scorer is None else judge_weight,
                           **{k: v for k, v in generate_kw.items() if v is not None}}
     return report
 

@@ -105,6 +105,9 @@ class Judge(nn.Module):
             self.cell_positions = nn.Parameter(torch.zeros(n, config.width))
         if config.coordinates:
             self.coordinate_directions = nn.Parameter(torch.zeros(2, config.width))  # u (x), v (y)
+            y, x = torch.meshgrid(torch.linspace(-1, 1, config.grid[0]), torch.linspace(-1, 1, config.grid[1]),
+                                  indexing="ij")
+            self.register_buffer("grid_xy", torch.stack([x.flatten(), y.flatten()], 1), persistent=False)  # (n, 2)
         self.transformer = Transformer(config.width, config.heads, config.layers)
         self.ln_final = LayerNorm(config.width)
         self.head = nn.Linear(config.width, 1)
@@ -122,9 +125,7 @@ class Judge(nn.Module):
         else:
             positions = self.cell_positions
         if c.coordinates:
-            y, x = torch.meshgrid(torch.linspace(-1, 1, c.grid[0]), torch.linspace(-1, 1, c.grid[1]), indexing="ij")
-            xy = torch.stack([x.flatten(), y.flatten()], 1).to(positions)  # (n, 2)
-            positions = positions + xy @ self.coordinate_directions  # (n, D)
+            positions = positions + self.grid_xy @ self.coordinate_directions  # (n, D)
         return positions
 
     def embed_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -209,14 +210,13 @@ def hard_negatives(caption: str, rng: random.Random, split: str = "train") -> li
     return negatives
 
 
-def render_pool(vqgan_dir, num: int, seed: int, batch_size: int = 256) -> tuple[list[str], torch.Tensor]:
+def render_pool(vq, num: int, seed: int, batch_size: int = 256) -> tuple[list[str], torch.Tensor]:
     """`num` training examples of the shapes stream (on the token grid, exact sizes, as the
     demo generator trains), tokenised: (captions, tokens LongTensor[num, n])."""
     import data
     import vqgan
     from tqdm import tqdm
 
-    vq = vqgan.load_vqgan(vqgan_dir).eval()
     captions, codes = [], []
     for start in tqdm(range(0, num, batch_size), desc="render", unit="batch"):
         batch = [data.shapes_example(seed, i, align=8, jitter=False) for i in range(start, min(start + batch_size, num))]
@@ -227,7 +227,7 @@ def render_pool(vqgan_dir, num: int, seed: int, batch_size: int = 256) -> tuple[
     return captions, torch.cat(codes)
 
 
-def judge_batch(rng: random.Random, captions: list[str], tokens: torch.Tensor, size: int):
+def judge_batch(rng: random.Random, captions: list[str], size: int):
     """`size` pool examples, each with its own caption (label 1) and its hard negatives (label 0):
     (caption texts, image row indices LongTensor[R], labels FloatTensor[R], mirror pairs
     LongTensor[P, 2]: the positions in the batch of each two-object caption and of its mirror)."""
@@ -262,14 +262,13 @@ def judge_loss(logits: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor |
 
 
 @torch.no_grad()
-def pairwise_accuracy(model: Judge, tokenizer: clip_text.Tokenizer, vqgan_dir, seed: int = 0) -> dict[str, float]:
+def pairwise_accuracy(model: Judge, tokenizer: clip_text.Tokenizer, vq, seed: int = 0) -> dict[str, float]:
     """On one render of every evaluation caption (never trained on), the rate at which the judge
     puts the caption above the mirrored caption (two objects) and above each other hard
     negative, seen and novel captions apart."""
     import shapes
     import vqgan
 
-    vq = vqgan.load_vqgan(vqgan_dir).eval()
     captions = shapes.eval_captions()
     images = np.stack([np.asarray(shapes.render(c, seed, align=8, jitter=False)) for c in captions])
     image_tokens = vq.encode(vqgan.to_tensor(images)).flatten(1)  # (N, n)
@@ -300,11 +299,11 @@ def train_judge(out, vqgan_dir=SHAPES_PATTERNS, *, steps: int = 4000, batch_size
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     started = time.perf_counter()
-    vq = vqgan.load_vqgan(vqgan_dir)
+    vq = vqgan.load_vqgan(vqgan_dir).eval()
     quantizer = getattr(vq, "quantize", None)
     colours = getattr(quantizer, "colours", 0) if vq.config.quantizer == "pattern" else 0
     config = JudgeConfig(codebook_size=vq.config.n_embed, colours=colours, grid=vq.grid_size((64, 64)), **(overrides or {}))
-    captions, tokens = render_pool(vqgan_dir, examples, seed)
+    captions, tokens = render_pool(vq, examples, seed)
     tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
     model = Judge(config)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
@@ -321,7 +320,7 @@ def train_judge(out, vqgan_dir=SHAPES_PATTERNS, *, steps: int = 4000, batch_size
         if time.perf_counter() - started > 60 * max_minutes:
             print(f"stopping after {step} steps: --max-minutes {max_minutes} reached", flush=True)
             break
-        texts, rows, labels, pairs = judge_batch(rng, captions, tokens, batch_size)
+        texts, rows, labels, pairs = judge_batch(rng, captions, batch_size)
         logits = model(tokenizer(texts, context_length=config.context_length), tokens[rows])
         loss = judge_loss(logits, labels, pairs, mirror_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -332,10 +331,10 @@ def train_judge(out, vqgan_dir=SHAPES_PATTERNS, *, steps: int = 4000, batch_size
         if step % log_every == 0 or done == steps:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f} s", flush=True)
         if eval_every and done % eval_every == 0 and done < steps:
-            print(f"step {done:5d}  {json.dumps(pairwise_accuracy(model, tokenizer, vqgan_dir))}", flush=True)
+            print(f"step {done:5d}  {json.dumps(pairwise_accuracy(model, tokenizer, vq))}", flush=True)
             model.train()
     model.eval()
-    report = pairwise_accuracy(model, tokenizer, vqgan_dir)
+    report = pairwise_accuracy(model, tokenizer, vq)
     report.update(steps=done, batch_size=batch_size, lr=lr, examples=examples, seed=seed, mirror_weight=mirror_weight,
                   seconds=round(time.perf_counter() - started))
     save_judge(model, out, tokenizer.path, vqgan_dir, report)
@@ -394,6 +393,13 @@ def fingerprint(path) -> str | None:
     return json.loads((Path(path) / "config.json").read_text()).get("vqgan_fingerprint")
 
 
+def resolve(path) -> Path | None:
+    """A --judge value as a folder: "none" -> None, "auto" -> the shipped shapes judge, else the path."""
+    if str(path).lower() == "none":
+        return None
+    return SHAPES_JUDGE if str(path) == "auto" else Path(path)
+
+
 def judge_for(vqgan_dir, path="auto", device="cpu") -> tuple[Judge, clip_text.Tokenizer] | None:
     """The judge re-ranking uses for a generator whose VQGAN is `vqgan_dir`.
 
@@ -402,19 +408,16 @@ def judge_for(vqgan_dir, path="auto", device="cpu") -> tuple[Judge, clip_text.To
     """
     import data
 
-    if str(path).lower() == "none":
+    folder, auto = resolve(path), str(path) == "auto"
+    if folder is None or (auto and not (folder / "config.json").is_file()):
         return None
-    auto = str(path) == "auto"
-    path = SHAPES_JUDGE if auto else Path(path)
-    if auto and not (path / "config.json").is_file():
+    judge = load_judge(folder, device)  # a clear error if the folder holds no judge
+    if fingerprint(folder) == data.vqgan_fingerprint(vqgan_dir):
+        return judge
+    if auto:
         return None
-    same = fingerprint(path) == data.vqgan_fingerprint(vqgan_dir) if (path / "config.json").is_file() else None
-    if auto and not same:
-        return None
-    if same is False:
-        raise JudgeError(f"the judge {path} reads the codes of another VQGAN than {vqgan_dir}: "
-                         f"train one for it with `python judge.py train --vqgan {vqgan_dir}`, or pass --judge none")
-    return load_judge(path, device)
+    raise JudgeError(f"the judge {folder} reads the codes of another VQGAN than {vqgan_dir}: "
+                     f"train one for it with `python judge.py train --vqgan {vqgan_dir}`, or pass --judge none")
 
 
 @torch.no_grad()
@@ -490,7 +493,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: {json.dumps(report)}")
         else:
             model, tokenizer = load_judge(args.judge)
-            print(json.dumps(pairwise_accuracy(model, tokenizer, args.vqgan)))
+            print(json.dumps(pairwise_accuracy(model, tokenizer, vqgan.load_vqgan(args.vqgan).eval())))
     except (JudgeError, data.DataError, vqgan.VQGANError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

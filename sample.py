@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from judge import WEIGHT as JUDGE_WEIGHT
+import judge as judges
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
@@ -126,30 +126,31 @@ class Pipeline:
                                    return_history=return_history, **options)
 
     @torch.no_grad()
-    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0, contrast: str | None = None) -> np.ndarray:
-        """Emage.self_score of each candidate [B, n] under the prompt, against `contrast` if given:
-        (B,), higher is better."""
+    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0, contrast: str | None = None,
+                    judge=None, judge_weight: float = judges.WEIGHT) -> np.ndarray:
+        """Emage.self_score of each candidate [B, n] under the prompt, against `contrast` if given,
+        plus judge_weight times the logit of `judge` (judge.judge_for) if given: (B,), higher is better."""
         text = self.text_tokens([prompt]).expand(len(tokens), -1)
         against = self.text_tokens([contrast]).expand(len(tokens), -1) if contrast is not None else None
         generator = torch.Generator(self.device).manual_seed(seed)  # random hide-sets of codes without colours
-        scores = self.model.self_score(text, tokens, generator=generator, contrast_tokens=against)
-        return scores.float().cpu().numpy()
+        scores = self.model.self_score(text, tokens, generator=generator, contrast_tokens=against).float().cpu()
+        if judge is not None:
+            scores = scores + judge_weight * judges.judge_scores(judge, [prompt] * len(tokens), tokens)
+        return scores.numpy()
 
     @torch.no_grad()
     def best_of(self, prompt: str, candidates: int, *, seed: int = 0, judge=None,
-                judge_weight: float = JUDGE_WEIGHT, **options) -> torch.Tensor:
+                judge_weight: float = judges.WEIGHT, **options) -> torch.Tensor:
         """One image as sample.py draws it: the best of `candidates` by the self-score against
         the default contrast (shapes.contrast_for), plus judge_weight times the logit of
         `judge` (judge.judge_for) if given; tokens [1, n]."""
-        import judge as judges
         import shapes
 
         tokens = self.generate(prompt, seed=seed, num_images=candidates, **options)
         if candidates == 1:
             return tokens
-        scores = self.self_scores(prompt, tokens, seed=seed, contrast=shapes.contrast_for(prompt))
-        if judge is not None:
-            scores = scores + judge_weight * judges.judge_scores(judge, [prompt] * candidates, tokens).numpy()
+        scores = self.self_scores(prompt, tokens, seed=seed, contrast=shapes.contrast_for(prompt),
+                                  judge=judge, judge_weight=judge_weight)
         best = int(np.argmax(scores))
         return tokens[best:best + 1]
 
@@ -372,32 +373,26 @@ def contrast_caption(args) -> str | None:
     return clean_prompt(args.contrast)
 
 
-def load_judge(args, pipe, device):
+def judge_of(args, pipe, device):
     """The judge --rerank self adds (judge.judge_for), or None: with one candidate, CLIP re-ranking,
     --judge none, or --judge auto where the shipped judge does not read this model's codes."""
-    import judge
-
     if args.candidates == 1 or args.rerank != "self":
         return None
     if args.backend == "onnx":
         if args.judge == "auto":
             return None
         raise SampleError("--judge needs --backend torch (the ONNX graphs only sample); pass --judge none")
-    return judge.judge_for(pipe.info["vqgan_dir"], args.judge, device)
+    return judges.judge_for(pipe.info["vqgan_dir"], args.judge, device)
 
 
 def rerank_scores(args, pipe, clip, judge, tokens: torch.Tensor, images: list) -> np.ndarray | None:
     """One score per candidate (higher is better), or None with a single candidate."""
-    import judge as judges
-
     if args.candidates == 1:
         return None
     if args.rerank == "clip":
         return np.asarray(clip(np.stack([np.asarray(im) for im in images]), args.prompt))
-    scores = pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast)
-    if judge is not None:
-        scores = scores + args.judge_weight * judges.judge_scores(judge, [args.prompt] * len(tokens), tokens).numpy()
-    return scores
+    return pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast, judge=judge,
+                            judge_weight=args.judge_weight)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(judge.py, beyond the paper; off by default, its gain was within noise, see the README): "
                            "a folder written by `python judge.py train`, auto = the shipped shapes judge when it "
                            "reads this model's VQGAN codes, or none")
-    rank.add_argument("--judge-weight", type=float, default=JUDGE_WEIGHT,
+    rank.add_argument("--judge-weight", type=float, default=judges.WEIGHT,
                       help="weight of the judge's logit against the self-score (the best of the README's sweep)")
     rank.add_argument("--clip", type=Path, default=ROOT / "checkpoints" / "shapes" / "clip",
                       help="whole CLIP checkpoint for --rerank clip (clip_image.load_reranker reads it)")
@@ -464,7 +459,6 @@ def main(argv=None) -> int:
     import clip_text
     import emage
     import export_onnx
-    import judge as judges
     import shapes
     import vqgan
 
@@ -482,7 +476,7 @@ def main(argv=None) -> int:
             device = pick_device(args.device)
             pipe = Pipeline.load(args.checkpoint, device)
         clip = clip_image.load_reranker(args.clip, device=device) if args.candidates > 1 and args.rerank == "clip" else None
-        judge = load_judge(args, pipe, device)
+        judge = judge_of(args, pipe, device)
         loaded = time.perf_counter()
         if pipe.knows_only_shapes:
             try:
@@ -528,8 +522,7 @@ def main(argv=None) -> int:
                 if args.contrast is not None:
                     parameters.update(contrast=args.contrast)
                 if judge is not None:
-                    where = judges.SHAPES_JUDGE if args.judge == "auto" else Path(args.judge)
-                    parameters.update(judge=str(where), judge_weight=args.judge_weight)
+                    parameters.update(judge=str(judges.resolve(args.judge)), judge_weight=args.judge_weight)
         if args.init_image is not None:
             parameters.update(init_image=str(args.init_image), mask=args.mask and str(args.mask), region=args.region,
                               place=args.place, strength=args.strength)

@@ -161,7 +161,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_mirror_pairs_point_at_each_two_object_caption_and_its_mirror(tokenizer):
     captions = [shapes.sample_caption(random.Random(i), "train") for i in range(40)]
-    texts, rows, labels, pairs = judge.judge_batch(random.Random(0), captions, torch.zeros(40, 64), 40)
+    texts, rows, labels, pairs = judge.judge_batch(random.Random(0), captions, 40)
     two_objects = sum(shapes.parse(c).relation is not None for c in captions)
     assert len(set(pairs[:, 0].tolist())) == two_objects > 0  # mutate_caption may draw the mirror too
     for caption_at, mirror_at in pairs.tolist():
