@@ -103,6 +103,7 @@ class EmageConfig:
     colours: int = 0  # > 0: code = colour * (codebook_size / colours) + pattern (vqgan.PatternQuantizer), see FactoredEmbedding
     block_mask: float = 0.0  # probability that a training mask also hides a random block of tokens (beyond the paper, see block_mask)
     object_mask: float = 0.0  # probability that a training mask also hides every token of one colour (needs colours; see object_mask)
+    mirror_loss: float = 0.0  # weight of the caption-against-mirrored-caption term (beyond the paper, see Emage.mirror_loss)
 
     @property
     def n(self) -> int:
@@ -177,6 +178,8 @@ def _check_config(c: EmageConfig) -> None:
         raise EmageError(f"block_mask must be a probability in [0, 1], got {c.block_mask}")
     if not 0.0 <= c.object_mask <= 1.0:
         raise EmageError(f"object_mask must be a probability in [0, 1], got {c.object_mask}")
+    if not c.mirror_loss >= 0.0:  # nan fails too
+        raise EmageError(f"mirror_loss must be a weight >= 0, got {c.mirror_loss}")
     if c.object_mask and not c.colours:
         raise EmageError("object_mask needs colour-factored codes: set colours (vqgan.PatternQuantizer) or leave object_mask at 0")
 
@@ -361,6 +364,22 @@ def colour_hide_sets(image_tokens: torch.Tensor, patterns: int, colours: int) ->
     """
     colour = image_tokens // patterns  # (B, n)
     return torch.stack([colour == k for k in range(1, colours)])  # (colours - 1, B, n)
+
+
+def mirror_loss(logits: torch.Tensor, contrast_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean over rows of softplus(log p(Y | contrast) - log p(Y | caption)) / n: a scalar.
+
+    Beyond the paper. logits / contrast_logits[B, n, K] are one pass over the same input
+    read with the caption and with a caption the image must not match; targets[B, n] = Y.
+    Cross-entropy alone lets a model that ignores a relation word pay little: drawing "A
+    left of B" either way round costs about log 2 per object. This term asks the caption to
+    explain the image better than its mirror does, and goes quiet once it does by a few nats
+    (the README measures what it changes: the demo had learnt "above" but not "left of").
+    Divided by n, a weight of 1 weighs one image about as much as the cross-entropy does.
+    """
+    everything = torch.ones_like(targets, dtype=torch.bool)
+    margin = hidden_log_likelihood(logits, targets, everything) - hidden_log_likelihood(contrast_logits, targets, everything)
+    return F.softplus(-margin).mean() / targets.shape[1]
 
 
 def hidden_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -590,12 +609,15 @@ class Emage(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
 
-    def loss(self, text_tokens, image_tokens, variant, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, text_tokens, image_tokens, variant, generator: torch.Generator | None = None,
+             contrast_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of one batch for a variant of Fig. 2: "full", 1, 2, 3 or "ar".
 
         text_tokens: [B, L] long; image_tokens: [B, n] long (ground truth Y). All
         randomness comes from `generator` (the global generator when None), in the order
-        listed at the top of this file.
+        listed at the top of this file. With config.mirror_loss > 0 and contrast_tokens[B, L]
+        (per row a caption the image must not match: on the shapes world the mirrored
+        relation), variant 3 adds mirror_loss * Emage.mirror_loss on its second pass.
         """
         variant = parse_variant(variant)
         c, y = self.config, image_tokens
@@ -615,9 +637,17 @@ class Emage(nn.Module):
                 mask = mask | (hidden & (u_object[:, :1] < c.object_mask))
             return mask
 
+        contrasted = None  # rows whose contrast caption differs from their own (before dropout)
+        if contrast_tokens is not None and c.mirror_loss > 0:
+            if contrast_tokens.shape != text_tokens.shape:
+                raise EmageError(f"contrast captions must be shaped like the captions {tuple(text_tokens.shape)}, "
+                                 f"got {tuple(contrast_tokens.shape)}")
+            contrasted = (contrast_tokens != text_tokens).any(1)  # (B,)
         if self.training and c.caption_dropout > 0:  # train the unconditional model too (guidance)
             drop = rand(B) < c.caption_dropout
             text_tokens = torch.where(drop[:, None], self.empty_caption(B, text_tokens.shape[1], dev), text_tokens)
+            if contrasted is not None:
+                contrasted = contrasted & ~drop  # an empty caption has no mirror
         text_kv, text_mask = self.encode_text(text_tokens)  # once, shared by both passes
         M = torch.full_like(y, c.mask_id)
 
@@ -669,7 +699,12 @@ class Emage(nn.Module):
         mask2 = masked()  # line 7: another ratio, mask Y_pred -> Y_obs
         x = self._embed_mixed(torch.where(mask2, M, y_pred), st, ~mask2 & ~seen)
         logits = self._decode(x, text_kv, text_mask)  # line 8: predict all positions
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # line 9: loss on all positions
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # line 9: loss on all positions
+        if contrasted is not None and bool(contrasted.any()):
+            x, y, logits = x[contrasted], y[contrasted], logits[contrasted]
+            contrast_logits = self._decode(x, *self.encode_text(contrast_tokens[contrasted]))
+            loss = loss + c.mirror_loss * mirror_loss(logits, contrast_logits, y)
+        return loss
 
     def _pass1(self, inputs, text_kv, text_mask, rand):
         """First pass of #2 / #3: tokens predicted at every position, and (with pass1_grad)

@@ -9,6 +9,7 @@ gives SHAPES.md's free placement. With --data DIR it reads token shards written 
     python train.py --variant 3                                       shapes world, CPU
     python train.py --variant 3 --preset paper --data DIR --text-init CLIP
     torchrun --nproc_per_node 8 train.py --preset paper --data DIR    DistributedDataParallel
+    python train.py --variant 3 --init CKPT --set mirror_loss=1.0     fine-tune a checkpoint
 
 Training (Section 4 of the paper): AdamW (lr 4.5e-4, betas 0.9/0.96, weight decay 4.5e-2),
 batch 1024, gradient clipping 4.0, cosine learning rate with 2 % linear warm-up, FP32. The
@@ -154,8 +155,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, text_tokens, image_tokens, variant, generator):
-        return self.model.loss(text_tokens, image_tokens, variant, generator=generator)
+    def forward(self, text_tokens, image_tokens, variant, generator, contrast_tokens=None):
+        return self.model.loss(text_tokens, image_tokens, variant, generator=generator, contrast_tokens=contrast_tokens)
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,6 +183,18 @@ def shapes_tokens(args, rank: int, world: int) -> Path:
     if world > 1:
         dist.barrier()
     return out
+
+
+def contrast_tokens(tokenizer, captions: list[str], config: emage.EmageConfig) -> torch.Tensor | None:
+    """The captions' mirrors for EmageConfig.mirror_loss, tokenised (None when it is off).
+    A caption with no mirror (one object, or outside the shapes grammar) is its own
+    contrast, which the loss skips."""
+    if not config.mirror_loss:
+        return None
+    import shapes
+
+    mirrors = [shapes.contrast_for(caption) or caption for caption in captions]
+    return tokenizer(mirrors, context_length=config.text.context_length)
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,6 +342,22 @@ def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
     return model
 
 
+def init_model(args) -> tuple[emage.Emage, Tokenizer]:
+    """--init CHECKPOINT: its weights, config (with --set applied on top) and vocabulary; the
+    optimizer, schedule and step start afresh (fine-tuning, unlike --resume)."""
+    source, info = emage.load_checkpoint(args.init)
+    if info["variant"] != args.variant:
+        raise TrainError(f"--init {args.init} was trained as variant {info['variant']}, not --variant {args.variant}")
+    config = apply_overrides(emage.EmageConfig.from_dict(source.config.to_dict()), args.set)
+    model = emage.Emage(config, variant=args.variant)
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError:
+        raise TrainError(f"--set changes the shape of {args.init}'s weights; with --init, set only training "
+                         "fields (object_mask, caption_dropout, mirror_loss, ...)") from None
+    return model, Tokenizer(info["tokenizer_path"])
+
+
 def resolve_args(args) -> None:
     """Fill preset defaults and check the flags (before any work)."""
     for key, value in PRESETS[args.preset].items():
@@ -339,6 +368,8 @@ def resolve_args(args) -> None:
         args.out = str(ROOT / "runs" / f"{args.preset}-v{args.variant}")
     if args.steps <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
         raise TrainError("--steps, --batch-size and --grad-accum must be positive")
+    if args.init and args.resume:
+        raise TrainError("--init starts a new run from a checkpoint's weights and --resume continues a run: pass one")
     if args.save_every is None:
         args.save_every = args.eval_every
     if min(args.save_every, args.eval_every, args.log_every, args.keep) <= 0:
@@ -392,6 +423,9 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
         tokenizer_path = out / tokenizer.path.name
         if rank == 0:
             shutil.copyfile(tokenizer.path, tokenizer_path)
+    elif args.init:
+        model, tokenizer = init_model(args)
+        tokenizer_path = tokenizer.path
     else:
         model = build_model(args, tokenizer, shards, vqgan_dir)
     if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
@@ -508,10 +542,12 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
                 j = a * world + rank  # micro-batch index within the global batch
                 captions, image_tokens = shards.batch(indices[j * per_micro:(j + 1) * per_micro])
                 text_tokens = tokenizer(captions, context_length=model.config.text.context_length)
+                contrast = contrast_tokens(tokenizer, captions, model.config)
                 generator = torch.Generator(device=device).manual_seed(micro_seed(args.seed, step, j))
                 sync = world == 1 or a == args.grad_accum - 1
                 with (nullcontext() if sync else step_module.no_sync()), autocast:
-                    loss = step_module(text_tokens.to(device), image_tokens.to(device), args.variant, generator)
+                    loss = step_module(text_tokens.to(device), image_tokens.to(device), args.variant, generator,
+                                       None if contrast is None else contrast.to(device))
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -594,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and masks")
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-vVARIANT)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the latest checkpoint in --out, or from the given checkpoint directory")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start from an Emage checkpoint's weights, config and vocabulary with a fresh "
+                        "optimizer and schedule (--set may change training fields such as mirror_loss)")
     p.add_argument("--text-init", default=None, help="initialise the text encoder from CLIP weights (OpenAI, Hugging Face or native; see clip_text.load_clip_text)")
     p.add_argument("--bpe", default=None, help="BPE vocabulary of the captions (default: the shapes vocabulary for --preset shapes, CLIP's for paper)")
     p.add_argument("--vqgan", default=None, help="VQGAN checkpoint dir for sample grids and the checkpoint's reference (default: the one the token shards were prepared with)")

@@ -11,7 +11,8 @@ tokens becomes [mask] (the same positions for both), and one decoder pass scores
 masked tokens (summed cross-entropy, nats, averaged over 4 mask draws). A model that
 reads the order of the caption gives the true picture the lower loss; one blind to order
 prefers it half of the time. Printed as Markdown: that fraction and the mean loss gap
-(mirror minus true, positive when the model prefers the true picture).
+(mirror minus true, positive when the model prefers the true picture), for all captions and
+for horizontal and vertical relations apart (a model can learn one axis and not the other).
 
 The text probe asks where the order gets lost. A ridge regression reads the colour of the
 left (or upper) object from the text tower's states of "A rel B" (all positions, one
@@ -62,6 +63,8 @@ def mirror_test(pipe: sample.Pipeline, fractions=(0.5, 0.9, 1.0), count: int = 2
     mirror = pipe.vqgan.encode(vqgan.to_tensor([shapes.draw(c.objects[::-1], b) for c, b in zip(captions, boxes)]))
     true, mirror = true.flatten(1), mirror.flatten(1)  # (B, n)
     text_kv, text_mask = model.encode_text(pipe.text_tokens([str(c) for c in captions]))
+    horizontal = torch.tensor([c.relation in ("to the left of", "to the right of") for c in captions])
+    axes = {"all": torch.ones_like(horizontal), "left / right": horizontal, "above / below": ~horizontal}
     generator, rows = torch.Generator().manual_seed(0), []
     for fraction in fractions:
         loss = {"true": 0.0, "mirror": 0.0}
@@ -72,8 +75,9 @@ def mirror_test(pipe: sample.Pipeline, fractions=(0.5, 0.9, 1.0), count: int = 2
                 nll = -model.round_logits(inputs, text_kv, text_mask).log_softmax(-1).gather(-1, y[..., None])[..., 0]
                 loss[name] = loss[name] + (nll * masked).sum(1) / draws  # (B,)
         gap = loss["mirror"] - loss["true"]
-        rows.append({"fraction": fraction, "prefers_true": (gap > 0).float().mean().item(),
-                     "gap": gap.mean().item()})
+        for axis, rows_of_axis in axes.items():
+            rows.append({"fraction": fraction, "axis": axis, "prefers_true": (gap[rows_of_axis] > 0).float().mean().item(),
+                         "gap": gap[rows_of_axis].mean().item()})
     return rows
 
 
@@ -125,13 +129,14 @@ def main(argv=None) -> int:
     p.add_argument("--captions", type=int, default=200, help="two-object captions tested")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print("| checkpoint | masked | prefers the true picture | loss gap (nats) | text probe |")
-    print("|---|---|---|---|---|")
+    print("| checkpoint | masked | relations | prefers the true picture | loss gap (nats) | text probe |")
+    print("|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         pipe = sample.Pipeline.load(checkpoint)
         probe = text_probe(pipe)
         for row in mirror_test(pipe, count=args.captions):
-            print(f"| {checkpoint} | {row['fraction']:.0%} | {row['prefers_true']:.3f} | {row['gap']:+.2f} | {probe:.3f} |")
+            print(f"| {checkpoint} | {row['fraction']:.0%} | {row['axis']} | {row['prefers_true']:.3f} | {row['gap']:+.2f} "
+                  f"| {probe:.3f} |")
     print(f"\ntext probe on one-hot tokens instead of the tower's states: {text_probe(pipe, tower=False):.3f}")
     return 0
 

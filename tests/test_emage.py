@@ -20,6 +20,7 @@ from emage import (
     guided_logits,
     load_checkpoint,
     mask_schedule,
+    mirror_loss,
     object_mask,
     random_mask,
     sample_tokens,
@@ -374,6 +375,69 @@ def test_variant3_sampled_pass1_with_gradient():
     model_ng = tiny_model(pass1="sample")
     loss_ng = model_ng.loss(captions(4), images(4), 3, generator=torch.Generator().manual_seed(6))
     assert torch.allclose(loss, loss_ng)  # the straight-through estimator leaves forward values unchanged
+
+
+def test_mirror_loss_is_the_softplus_of_the_contrast_advantage_per_token():
+    y = images(3)
+    logits = torch.randn(3, N, K)
+    assert torch.allclose(mirror_loss(logits, logits, y), torch.tensor(math.log(2) / N))  # no preference
+    better = logits.scatter(-1, y[..., None], 20.0)  # the caption explains Y far better
+    assert mirror_loss(better, logits, y) < 1e-6 < mirror_loss(logits, better, y)
+    ll = lambda z: F.log_softmax(z, -1).gather(-1, y[..., None]).squeeze(-1).sum(-1)  # noqa: E731
+    contrast = torch.randn(3, N, K)
+    assert torch.allclose(mirror_loss(logits, contrast, y), F.softplus(ll(contrast) - ll(logits)).mean() / N)
+
+
+def test_variant3_mirror_loss_reads_pass_2_input_with_the_contrast_caption():
+    model, text, y = tiny_model(mirror_loss=0.5), captions(4), images(4)
+    contrast = text.clone()
+    contrast[[1, 3], 1] = (text[[1, 3], 1] % 37) + 1  # rows 1 and 3 get another first word
+    rec = Recorder(model)
+    loss = model.loss(text, y, 3, generator=torch.Generator().manual_seed(5), contrast_tokens=contrast)
+    assert len(rec.logits) == 3  # pass 1, pass 2, pass 2 again with the contrast captions
+    expected = model._decode(model.tok_emb(rec.inputs[1][[1, 3]]) + model.pos_emb, *model.encode_text(contrast[[1, 3]]))
+    assert torch.allclose(rec.logits[2], expected, atol=1e-5)  # the same Y_obs, read with the contrast
+    ce = F.cross_entropy(rec.logits[1].flatten(0, 1), y.flatten())
+    assert torch.allclose(loss, ce + 0.5 * mirror_loss(rec.logits[1][[1, 3]], rec.logits[2], y[[1, 3]]))
+    plain = model.loss(text, y, 3, generator=torch.Generator().manual_seed(5))
+    same = model.loss(text, y, 3, generator=torch.Generator().manual_seed(5), contrast_tokens=text)
+    assert torch.equal(same, plain) and torch.allclose(plain, ce)  # a row that is its own contrast adds nothing
+    with pytest.raises(EmageError, match="shaped like the captions"):
+        model.loss(text, y, 3, contrast_tokens=contrast[:2])
+
+
+def test_mirror_loss_skips_rows_trained_on_the_empty_caption():
+    model = tiny_model(mirror_loss=1.0, caption_dropout=0.5).train()
+    calls = []
+    model.text_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
+    text = captions(64)
+    contrast = text.clone()
+    contrast[:, 1] = (text[:, 1] % 37) + 1
+    model.loss(text, images(64), 3, generator=torch.Generator().manual_seed(0), contrast_tokens=contrast)
+    kept = (calls[0] == text).all(-1)  # rows whose caption survived dropout
+    assert 10 < kept.sum() < 54 and torch.equal(calls[1], contrast[kept])
+
+
+def test_mirror_loss_teaches_the_caption_to_beat_its_contrast():
+    text, y = captions(8), images(8)
+    contrast = text.clone()
+    contrast[:, 1] = (text[:, 1] % 37) + 1
+
+    def margin_after(weight):
+        model = tiny_model(seed=3, mirror_loss=weight)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(30):
+            loss = model.loss(text, y, 3, generator=torch.Generator().manual_seed(step), contrast_tokens=contrast)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            masked = torch.full_like(y, M)
+            ll = lambda t: F.log_softmax(model.round_logits(masked, *model.encode_text(t)), -1).gather(  # noqa: E731
+                -1, y[..., None]).sum()
+            return float(ll(text) - ll(contrast))
+
+    assert margin_after(2.0) > margin_after(0.0) + 1.0
 
 
 def test_full_and_ar_inputs():

@@ -208,3 +208,39 @@ def test_shapes_default_tokenises_once_then_reuses_the_cache(shards, tmp_path, c
     assert "match --shapes-examples" in capsys.readouterr().err
     assert train.main(["--out", str(tmp_path / "d"), *common, "--shapes-align", "1", "--shapes-jitter"]) == 1
     assert "shapes(num=40, seed=0)" in capsys.readouterr().err  # SHAPES.md's free placement is another set
+
+
+def test_init_fine_tunes_from_a_checkpoint_with_a_fresh_schedule_and_new_training_fields(shards, tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert run(shards, base, steps=2) == 0
+    assert run(shards, tuned, "--init", str(base / "latest"), "--set", "mirror_loss=1.0", "--seed", "1", steps=2) == 0
+    model, info = emage.load_checkpoint(tuned / "latest")
+    assert info["step"] == 2 and model.config.mirror_loss == 1.0  # a new run of 2 steps, not steps 3 and 4
+    start, end = weights(base / "latest"), weights(tuned / "latest")
+    assert start.keys() == end.keys() and not all(torch.equal(start[k], end[k]) for k in start)
+    state = torch.load(tuned / "step-0000002" / "train_state.pt", weights_only=True)
+    assert state["schedule"]["steps"] == 2
+
+
+def test_init_errors_are_one_line(shards, tmp_path, capsys):
+    assert run(shards, tmp_path / "base", steps=1) == 0
+    checkpoint = str(tmp_path / "base" / "latest")
+    assert run(shards, tmp_path / "a", "--init", checkpoint, "--set", "width=64") == 1
+    assert "--set changes the shape" in capsys.readouterr().err
+    assert run(shards, tmp_path / "b", "--init", checkpoint, "--resume") == 1
+    assert "pass one" in capsys.readouterr().err
+    assert run(shards, tmp_path / "c", "--init", checkpoint, variant="1") == 1
+    assert "not --variant 1" in capsys.readouterr().err
+
+
+def test_contrast_tokens_are_the_mirrored_captions_only_when_the_mirror_loss_is_on():
+    import clip_text
+
+    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    config = emage.EmageConfig.shapes()
+    captions = ["a red circle to the left of a blue square", "a small green triangle", "any other text"]
+    assert train.contrast_tokens(tokenizer, captions, config) is None
+    config.mirror_loss = 1.0
+    got = train.contrast_tokens(tokenizer, captions, config)
+    expected = tokenizer(["a red circle to the right of a blue square", *captions[1:]], context_length=24)
+    assert torch.equal(got, expected)
