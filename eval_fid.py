@@ -325,13 +325,13 @@ def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.
 
 @torch.no_grad()
 def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
-                    num_candidates: int = 1, score: bool = True, contrast: bool = True, judge=None,
+                    num_candidates: int = 1, score: bool = True, contrast: bool = False, judge=None,
                     judge_weight: float | None = None, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
     """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate
     (or score=False).
 
-    As in sample.py, a shapes caption with a relation is scored against its mirror
-    (shapes.contrast_for; contrast=False: against nothing). The score's random hide-sets
+    With contrast=True a shapes caption with a relation is scored against its mirror
+    (shapes.contrast_for), as sample.py --contrast mirror does; by default against nothing. The score's random hide-sets
     (codes without colours) come from `generator` after the images. With a `judge`
     (judge.judge_for), judge_weight (default judge.WEIGHT) times its logit is added.
     """
@@ -429,7 +429,7 @@ def clip_reranker(path, device) -> Reranker:
 # ---------------------------------------------------------------------------
 
 def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 2, batch_size: int = 64,
-                    device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, contrast: bool = True,
+                    device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, contrast: bool = False,
                     judge="none", judge_weight: float | None = None, first_seed: int = 0, **generate_kw) -> dict:
     """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
 
@@ -439,7 +439,7 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     Seed s (first_seed .. first_seed + seeds - 1) runs the captions in batches with a generator
     seeded by (s, batch index).
     With `candidates` > 1 each pair keeps the best of its candidates by `Emage.self_score`,
-    as sample.py does (against the mirrored caption unless contrast=False), plus the judge's
+    as sample.py does (against the mirrored caption with contrast=True), plus the judge's
     term (`judge`: "auto", "none" or a folder, as judge.judge_for reads it); 'any_passed' says
     whether any candidate would have passed.
     """
@@ -690,8 +690,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N evaluation captions")
     p.add_argument("--candidates", type=_positive, default=1,
                    help="candidates per (caption, seed); the best by Emage.self_score is scored (sample.py's re-ranking)")
-    p.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True,
-                   help="score each candidate against the mirrored caption, as sample.py does")
+    p.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=False,
+                   help="score each candidate against the mirrored caption, as sample.py --contrast mirror does")
     p.add_argument("--judge", default="none",
                    help="a judge whose logit is added to the self-score, as sample.py --judge: none, auto (the "
                         "shipped shapes judge when it reads this VQGAN's codes), or a folder written by judge.py train")

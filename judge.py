@@ -20,8 +20,9 @@ vector, as in the generator, so that a held-out colour-shape pair is made of tra
 What it learned on the shapes world (README, "The judge"): it tells a caption from its
 one-word and count negatives, but not from the mirrored relation, which it ranks at chance
 whatever was tried (grid or cell positions, linear coordinates, a ranking term on the mirror,
-3 layers, width 128). Added to the self-score it moved the demo's accuracy by no more than
-noise on fresh seeds, so `sample.py --judge` is off by default.
+3 layers, width 128). Added to the self-score it moved the accuracy of the demo before the
+mirror loss by no more than noise on fresh seeds, so `sample.py --judge` is off by default
+(the mirror loss, emage.mirror_loss, taught the generator the relation instead).
 
 Command line:
     python judge.py train --out checkpoints/shapes/judge

@@ -24,9 +24,10 @@ tokens (default: all of them; 0.5 for a variation).
 Every image is the best of `--candidates` candidates drawn in one batch. The paper ranks 16
 candidates by CLIP image-text similarity (Section 4, `--rerank clip`); by default they are
 ranked by the generator itself (`--rerank self`, `Emage.self_score`: how well it predicts
-each object of a candidate from the rest and the caption, and how much better the caption
-than `--contrast` explains its layout; for a shapes prompt with a relation the contrast is
-the mirrored prompt, "a red circle to the right of a blue square").
+each object of a candidate from the rest and the caption; `--contrast mirror` also asks how
+much better the prompt explains its layout than the mirrored prompt does, "a red circle to
+the right of a blue square"; the shipped demo, trained with the mirror loss, gains nothing
+from it, so it is off by default).
 """
 from __future__ import annotations
 
@@ -139,18 +140,15 @@ class Pipeline:
         return scores.numpy()
 
     @torch.no_grad()
-    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, judge=None,
+    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, contrast: str | None = None, judge=None,
                 judge_weight: float = judges.WEIGHT, **options) -> torch.Tensor:
-        """One image as sample.py draws it: the best of `candidates` by the self-score against
-        the default contrast (shapes.contrast_for), plus judge_weight times the logit of
-        `judge` (judge.judge_for) if given; tokens [1, n]."""
-        import shapes
-
+        """One image as sample.py draws it: the best of `candidates` by the self-score (against
+        `contrast` if given), plus judge_weight times the logit of `judge` (judge.judge_for)
+        if given; tokens [1, n]."""
         tokens = self.generate(prompt, seed=seed, num_images=candidates, **options)
         if candidates == 1:
             return tokens
-        scores = self.self_scores(prompt, tokens, seed=seed, contrast=shapes.contrast_for(prompt),
-                                  judge=judge, judge_weight=judge_weight)
+        scores = self.self_scores(prompt, tokens, seed=seed, contrast=contrast, judge=judge, judge_weight=judge_weight)
         best = int(np.argmax(scores))
         return tokens[best:best + 1]
 
@@ -361,13 +359,15 @@ def check_args(args) -> None:
 
 
 def contrast_caption(args) -> str | None:
-    """--contrast as the self-score uses it: unset = the prompt mirrored (shapes.contrast_for), 'none' = off."""
+    """--contrast as the self-score uses it: 'none' = off (the default), 'mirror' = the prompt
+    mirrored (shapes.contrast_for; off for a prompt without a relation), else a caption."""
     import shapes
 
-    if args.contrast is None:
-        return shapes.contrast_for(args.prompt)
-    if args.contrast.strip().lower() == "none":
+    choice = args.contrast.strip().lower()
+    if choice == "none":
         return None
+    if choice == "mirror":
+        return shapes.contrast_for(args.prompt)
     if not args.contrast.strip():
         raise SampleError("--contrast is empty: pass a caption the image must not match, or 'none'")
     return clean_prompt(args.contrast)
@@ -437,10 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--rerank", default="self", choices=("self", "clip"),
                       help="how candidates are scored: by the generator itself (Emage.self_score, beyond "
                            "the paper) or by CLIP image-text similarity (the paper's)")
-    rank.add_argument("--contrast",
+    rank.add_argument("--contrast", default="none",
                       help="with --rerank self: a caption the image must not match; candidates whose layout it "
-                           "explains as well as the prompt score lower (default: the prompt with its relation "
-                           "mirrored, for a shapes prompt with a relation; 'none' turns it off)")
+                           "explains as well as the prompt score lower. 'mirror' = the prompt with its relation "
+                           "mirrored (a shapes prompt with a relation); 'none' = off (the shipped demo gains "
+                           "nothing from it, see the README)")
     rank.add_argument("--judge", default="none",
                       help="with --rerank self: also add --judge-weight times the match logit of a judge "
                            "(judge.py, beyond the paper; off by default, its gain was within noise, see the README): "

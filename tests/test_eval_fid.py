@@ -537,11 +537,12 @@ def test_shapes_accuracy_scores_the_candidate_with_the_best_self_score(tiny_chec
 
 
 def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoint):
-    """Against the mirrored caption where there is a relation, as sample.py scores."""
+    """With contrast=True against the mirrored caption where there is a relation (sample.py
+    --contrast mirror), by default against nothing."""
     model, tokenizer, vq, _ = eval_fid._load_generator(tiny_checkpoint, "cpu")
     captions = ["a red circle", "a blue square above a red circle"]
     images, scores = eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),
-                                              num_candidates=3, steps=2)
+                                              num_candidates=3, steps=2, contrast=True)
     again = torch.Generator().manual_seed(1)
     tokenize = lambda texts: tokenizer(texts, context_length=model.config.text.context_length)  # noqa: E731
     text = tokenize(captions).repeat_interleave(3, 0)
@@ -554,7 +555,7 @@ def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoi
     plain = model.self_score(text, tokens, generator=once_more)
     assert np.allclose(scores[:3], plain[:3].numpy(), atol=1e-4) and not np.allclose(scores[3:], plain[3:].numpy())
     _, off = eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),
-                                      num_candidates=3, steps=2, contrast=False)
+                                      num_candidates=3, steps=2)
     assert np.allclose(off, plain.numpy(), atol=1e-4)
 
 

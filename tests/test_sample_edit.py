@@ -194,10 +194,10 @@ def test_reranking_keeps_the_argmax_of_the_clip_similarity(tiny, pipe, tmp_path,
 MIRRORED = PROMPT.replace("left", "right")
 
 
-@pytest.mark.parametrize("flags, contrast", [([], MIRRORED), (["--contrast", "none"], None),
+@pytest.mark.parametrize("flags, contrast", [([], None), (["--contrast", "mirror"], MIRRORED),
                                              (["--contrast", "a blue square"], "a blue square")])
 def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_path, capsys, flags, contrast):
-    """Against the mirrored prompt unless --contrast says otherwise."""
+    """Against no contrast unless --contrast names one (mirror: the prompt mirrored)."""
     out = tmp_path / "best.png"
     code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(out), "--steps", "3",
                         "--seed", "4", "--num-images", "2", "--upscale", "1", "--device", "cpu", *flags])
@@ -235,7 +235,7 @@ def test_judge_logit_is_added_to_the_self_score(tiny, pipe, tmp_path, capsys):
     C, defaults = sample.DEFAULT_CANDIDATES, sample.build_parser().get_default
     tokens = pipe.generate(PROMPT, seed=4, num_images=C, steps=3, guidance_scale=defaults("guidance"),
                            temperature=defaults("temperature"))
-    own = pipe.self_scores(PROMPT, tokens, seed=4, contrast=MIRRORED)
+    own = pipe.self_scores(PROMPT, tokens, seed=4)
     logits = judge.judge_scores(judge.load_judge(folder), [PROMPT] * C, tokens).numpy()
     assert np.argmax(own + 50 * logits) != np.argmax(own)  # at this weight the judge decides
     with Image.open(out) as kept:
@@ -263,8 +263,10 @@ def test_best_of_keeps_the_candidate_with_the_highest_self_score(pipe):
     tokens = pipe.generate(PROMPT, seed=2, num_images=5, steps=3)
     scores = pipe.self_scores(PROMPT, tokens, seed=2, contrast=MIRRORED)
     assert not np.allclose(scores, pipe.self_scores(PROMPT, tokens, seed=2))  # the contrast counts
-    best = pipe.best_of(PROMPT, 5, seed=2, steps=3)
+    best = pipe.best_of(PROMPT, 5, seed=2, contrast=MIRRORED, steps=3)
     assert torch.equal(best, tokens[int(np.argmax(scores))][None])
+    plain = pipe.best_of(PROMPT, 5, seed=2, steps=3)  # no contrast by default
+    assert torch.equal(plain, tokens[int(np.argmax(pipe.self_scores(PROMPT, tokens, seed=2)))][None])
     assert torch.equal(pipe.best_of(PROMPT, 1, seed=2, steps=3), pipe.generate(PROMPT, seed=2, steps=3))  # plain draw
 
 
