@@ -103,7 +103,7 @@ class EmageConfig:
     colours: int = 0  # > 0: code = colour * (codebook_size / colours) + pattern (vqgan.PatternQuantizer), see FactoredEmbedding
     block_mask: float = 0.0  # probability that a training mask also hides a random block of tokens (beyond the paper, see block_mask)
     object_mask: float = 0.0  # probability that a training mask also hides every token of one colour (needs colours; see object_mask)
-    mirror_loss: float = 0.0  # weight of the caption-against-mirrored-caption term (beyond the paper, see Emage.mirror_loss)
+    mirror_loss: float = 0.0  # weight of the caption-against-mirrored-caption term (variant 3; beyond the paper, see mirror_loss)
 
     @property
     def n(self) -> int:
@@ -372,7 +372,7 @@ def mirror_loss(logits: torch.Tensor, contrast_logits: torch.Tensor, targets: to
     Beyond the paper. logits / contrast_logits[B, n, K] are one pass over the same input
     read with the caption and with a caption the image must not match; targets[B, n] = Y.
     Cross-entropy alone lets a model that ignores a relation word pay little: drawing "A
-    left of B" either way round costs about log 2 per object. This term asks the caption to
+    left of B" either way round costs about log 2 per image. This term asks the caption to
     explain the image better than its mirror does, and goes quiet once it does by a few nats
     (the README measures what it changes: the demo had learnt "above" but not "left of").
     Divided by n, a weight of 1 weighs one image about as much as the cross-entropy does.
@@ -617,7 +617,7 @@ class Emage(nn.Module):
         randomness comes from `generator` (the global generator when None), in the order
         listed at the top of this file. With config.mirror_loss > 0 and contrast_tokens[B, L]
         (per row a caption the image must not match: on the shapes world the mirrored
-        relation), variant 3 adds mirror_loss * Emage.mirror_loss on its second pass.
+        relation), variant 3 adds config.mirror_loss * mirror_loss(...) on its second pass.
         """
         variant = parse_variant(variant)
         c, y = self.config, image_tokens

@@ -331,8 +331,8 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
     (or score=False).
 
     With contrast=True a shapes caption with a relation is scored against its mirror
-    (shapes.contrast_for), as sample.py --contrast mirror does; by default against nothing. The score's random hide-sets
-    (codes without colours) come from `generator` after the images. With a `judge`
+    (shapes.contrast_for), as sample.py --contrast mirror does; by default against nothing.
+    The score's random hide-sets (codes without colours) come from `generator` after the images. With a `judge`
     (judge.judge_for), judge_weight (default judge.WEIGHT) times its logit is added.
     """
     import judge as judges

@@ -428,6 +428,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> int:
         tokenizer_path = tokenizer.path
     else:
         model = build_model(args, tokenizer, shards, vqgan_dir)
+    if model.config.mirror_loss and args.variant != 3:
+        raise TrainError("--set mirror_loss works on variant 3's second pass; train --variant 3 or leave it at 0")
     if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
         raise TrainError(f"the model expects {model.config.codebook_size} codes on a {model.config.grid} grid but "
                          f"{data_dir} holds {shards.codebook_size} codes on {shards.grid}")

@@ -231,6 +231,8 @@ def test_init_errors_are_one_line(shards, tmp_path, capsys):
     assert "pass one" in capsys.readouterr().err
     assert run(shards, tmp_path / "c", "--init", checkpoint, variant="1") == 1
     assert "not --variant 1" in capsys.readouterr().err
+    assert run(shards, tmp_path / "d", "--set", "mirror_loss=1.0", variant="1") == 1
+    assert "works on variant 3" in capsys.readouterr().err
 
 
 def test_contrast_tokens_are_the_mirrored_captions_only_when_the_mirror_loss_is_on():
