@@ -366,6 +366,12 @@ def colour_hide_sets(image_tokens: torch.Tensor, patterns: int, colours: int) ->
     return torch.stack([colour == k for k in range(1, colours)])  # (colours - 1, B, n)
 
 
+def hidden_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """sum over hidden positions i of log p(targets_i): logits[R, n, K], targets/hidden[R, n] -> [R]."""
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]  # (R, n)
+    return (log_p * hidden).sum(-1)
+
+
 def mirror_loss(logits: torch.Tensor, contrast_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """mean over rows of softplus(log p(Y | contrast) - log p(Y | caption)) / n: a scalar.
 
@@ -380,12 +386,6 @@ def mirror_loss(logits: torch.Tensor, contrast_logits: torch.Tensor, targets: to
     everything = torch.ones_like(targets, dtype=torch.bool)
     margin = hidden_log_likelihood(logits, targets, everything) - hidden_log_likelihood(contrast_logits, targets, everything)
     return F.softplus(-margin).mean() / targets.shape[1]
-
-
-def hidden_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """sum over hidden positions i of log p(targets_i): logits[R, n, K], targets/hidden[R, n] -> [R]."""
-    log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]  # (R, n)
-    return (log_p * hidden).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------

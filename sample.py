@@ -368,7 +368,7 @@ def contrast_caption(args) -> str | None:
         return None
     if choice == "mirror":
         return shapes.contrast_for(args.prompt)
-    if not args.contrast.strip():
+    if not choice:
         raise SampleError("--contrast is empty: pass a caption the image must not match, or 'none'")
     return clean_prompt(args.contrast)
 
