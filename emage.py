@@ -7,12 +7,11 @@ cross-attends to it and predicts a distribution over the codebook at every posit
 
     Emage(config).loss(text_tokens, image_tokens, variant)   training, Fig. 2 (a)-(d) and Algorithm 2
     Emage(config).generate(text_tokens, steps=16, ...)       inference, Algorithms 1 and 3
-    Emage(config).self_score(text_tokens, image_tokens)      re-ranking candidates (beyond the paper)
     save_checkpoint(model, dir, ...), load_checkpoint(dir)  config.json + model.safetensors
 
 The variants (Fig. 2) and the inference algorithm each is decoded with:
 
-    variant   training                                              inference
+    variant   training (one method each)                            inference
     "full"    every position masked, one pass (Section 3.1)         one pass ("full")
     1         mask k ~ U(0, n] positions, predict them (3.2)        Algorithm 1
     2         pass 1 fills the masked positions -> Y_mix, then #1   Algorithm 1
@@ -20,6 +19,12 @@ The variants (Fig. 2) and the inference algorithm each is decoded with:
     3         Algorithm 2: pass 1 predicts all -> Y_pred, re-mask   Algorithm 3
               -> Y_obs, pass 2 predicts all, loss on all (3.4)
     "ar"      causal decoder, next-token cross-entropy (baseline)   token by token ("ar")
+
+The file holds the paper and nothing else. What goes beyond it (colour-factored codes,
+object masking, the mirror loss, self-score re-ranking) lives in extensions.py and plugs
+in through one seam, the `beyond` argument of Emage: an object that may supply the token
+embedding and output head, add to the training masks and add a loss term. This file never
+imports it; a checkpoint that needs it is loaded by extensions.load_checkpoint.
 
 The decoding loop is built from pure tensor functions (`mask_schedule`, `commit_counts`,
 `sample_tokens`, `gumbel_confidence`, `guided_logits`, `commit_algorithm1`,
@@ -31,11 +36,9 @@ on the host from one `torch.Generator` in this fixed order, B' = rows of the out
     generate, rounds t = 1..T:  u_token[B', n], then u_confidence[B', n]        (per round)
     generate, "ar":             u_token[B', n] once; column i samples token i
     loss:                       caption dropout u[B] (training with p > 0 only); mask 1:
-                                u_ratio[B], u_position[B, n] (then u_block[B, 5] when
-                                block_mask > 0, then u_object[B, colours] when
-                                object_mask > 0); pass-1 sampling u[B, n] (#2/#3 with
-                                pass1="sample" only); mask 2: as mask 1
-    self_score, codes without colours:  u[random_sets, B, n] (colour hide-sets use none)
+                                u_ratio[B], u_position[B, n] (then what beyond.training_mask
+                                draws); pass-1 sampling u[B, n] (#2/#3 with pass1="sample"
+                                only); mask 2: as mask 1
 """
 from __future__ import annotations
 
@@ -43,7 +46,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_text import TextConfig, TextEncoder
+from files import atomic_write, write_json
 
 
 class EmageError(ValueError):
@@ -62,7 +65,6 @@ VARIANTS = ("full", 1, 2, 3, "ar")  # the models of Fig. 2 (a)-(d) and the autor
 ALGORITHMS = ("full", 1, 3, "ar")  # inference procedures
 DEFAULT_ALGORITHM = {"full": "full", 1: 1, 2: 1, 3: 3, "ar": "ar"}  # Section 3.3: #2 decodes like #1
 SCHEDULES = ("linear", "cosine")
-CONTRAST_WEIGHT = 0.25  # self_score's weight on the caption-against-contrast log-ratio (README: re-ranking)
 
 
 def parse_variant(value) -> str | int:
@@ -98,12 +100,7 @@ class EmageConfig:
     pass1: str = "argmax"  # how passes 1 of #2 / #3 turn logits into tokens: "argmax" or "sample" (see loss)
     pass1_grad: bool = False  # let gradients reach pass 1 (straight-through); default off (see loss)
     pass1_keep_seen: bool = True  # #3: positions pass 1 saw unmasked keep their true token in Y_pred (see loss)
-    caption_dropout: float = 0.0  # probability of training on the empty caption (for guidance); paper: 0
-    relative_positions: bool = False  # learned 2D relative position bias in self-attention (beyond the paper, see SelfAttention)
-    colours: int = 0  # > 0: code = colour * (codebook_size / colours) + pattern (vqgan.PatternQuantizer), see FactoredEmbedding
-    block_mask: float = 0.0  # probability that a training mask also hides a random block of tokens (beyond the paper, see block_mask)
-    object_mask: float = 0.0  # probability that a training mask also hides every token of one colour (needs colours; see object_mask)
-    mirror_loss: float = 0.0  # weight of the caption-against-mirrored-caption term (variant 3; beyond the paper, see mirror_loss)
+    caption_dropout: float = 0.0  # probability of training on the empty caption (for guidance, as Muse does); paper: 0
 
     @property
     def n(self) -> int:
@@ -160,7 +157,7 @@ class EmageConfig:
             d["grid"] = tuple(d["grid"])
             return cls(text=text, **d)
         except (KeyError, TypeError) as e:
-            raise EmageError(f"config.json does not describe an EmageConfig ({e}); was it written by save_checkpoint?")
+            raise EmageError(f"config.json does not describe an EmageConfig ({e}); was it written by save_checkpoint?") from None
 
 
 def _check_config(c: EmageConfig) -> None:
@@ -170,18 +167,8 @@ def _check_config(c: EmageConfig) -> None:
         raise EmageError(f"unknown train_schedule {c.train_schedule!r}; choose linear or cosine")
     if c.pass1 not in ("argmax", "sample"):
         raise EmageError(f"unknown pass1 {c.pass1!r}; choose argmax or sample")
-    if c.colours < 0 or (c.colours and c.codebook_size % c.colours):
-        raise EmageError(f"colours={c.colours} must be 0 or divide codebook_size={c.codebook_size}")
     if not 0.0 <= c.caption_dropout < 1.0:
         raise EmageError(f"caption_dropout must be in [0, 1), got {c.caption_dropout}")
-    if not 0.0 <= c.block_mask <= 1.0:
-        raise EmageError(f"block_mask must be a probability in [0, 1], got {c.block_mask}")
-    if not 0.0 <= c.object_mask <= 1.0:
-        raise EmageError(f"object_mask must be a probability in [0, 1], got {c.object_mask}")
-    if not c.mirror_loss >= 0.0:  # nan fails too
-        raise EmageError(f"mirror_loss must be a weight >= 0, got {c.mirror_loss}")
-    if c.object_mask and not c.colours:
-        raise EmageError("object_mask needs colour-factored codes: set colours (vqgan.PatternQuantizer) or leave object_mask at 0")
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,46 +228,6 @@ def random_mask(u_ratio: torch.Tensor, u_position: torch.Tensor, schedule: str) 
     k = torch.ceil((1 - mask_schedule(schedule, u_ratio)) * n).long().clamp(1, n)  # (B,)
     rank = u_position.argsort(-1).argsort(-1)  # (B, n): 0 for the smallest noise
     return rank < k[:, None]
-
-
-def block_mask(u_block: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Training masks that hide one random block of the token grid, in the rows chosen.
-
-    Beyond the paper. A uniformly random mask almost never hides all of one object while
-    showing the other, so placing an object relative to another ("A to the left of B")
-    earns little gradient; on the shapes world a #3 model trained 8,000 steps without this
-    gave the correct and the mirrored image the same likelihood. BEiT's blockwise masking
-    has the same aim for images. Row b gets a block iff u_block[b, 0] < p (the caller
-    compares, see loss); the block is 2..h//2 + 1 tokens high and 2..w//2 + 1 wide, at a
-    uniform position. u_block: [B, 5] uniform in [0, 1) (flag, height, width, top, left);
-    returns BoolTensor[B, h * w] without the flag applied.
-    """
-    (h, w), B = grid, u_block.shape[0]
-    sides = []
-    for u_side, u_start, size in ((u_block[:, 1], u_block[:, 3], h), (u_block[:, 2], u_block[:, 4], w)):
-        side = 2 + (u_side * (size // 2)).long()  # (B,) in 2..size//2 + 1
-        start = (u_start * (size - side + 1)).long()  # (B,)
-        index = torch.arange(size, device=u_block.device)
-        sides.append((index >= start[:, None]) & (index < (start + side)[:, None]))  # (B, size)
-    rows, cols = sides
-    return (rows[:, :, None] & cols[:, None, :]).reshape(B, h * w)
-
-
-def object_mask(image_tokens: torch.Tensor, u_colour: torch.Tensor, patterns: int) -> torch.Tensor:
-    """Training masks that hide every token of one colour present in the image.
-
-    Beyond the paper, a sharper block_mask for colour-factored codes (code = colour *
-    patterns + pattern, colour 0 = empty). In the shapes world one colour is one object (or
-    two of the same colour), so the model must place a hidden object from the caption and
-    the object it still sees: exactly the step where "A to the left of B" decides which side
-    A goes. The colour hidden is the present one with the largest u_colour. image_tokens:
-    [B, n] codes; u_colour: [B, colours - 1] uniform in [0, 1), one per non-empty colour;
-    returns BoolTensor[B, n], all False in a row with no object.
-    """
-    colour = image_tokens // patterns  # (B, n): 0 = empty patch
-    present = F.one_hot(colour, u_colour.shape[1] + 1)[..., 1:].any(1)  # (B, colours - 1)
-    chosen = 1 + torch.where(present, u_colour, torch.full_like(u_colour, -1.0)).argmax(-1)  # (B,)
-    return (colour == chosen[:, None]) & present.any(-1, keepdim=True)
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0):
@@ -355,39 +302,6 @@ def commit_algorithm3(tokens, committed, fixed, sampled, confidence, count, mask
     return torch.where(fixed, tokens, new), keep
 
 
-def colour_hide_sets(image_tokens: torch.Tensor, patterns: int, colours: int) -> torch.Tensor:
-    """The hide-sets of self-scoring with colour-factored codes: every token of one colour.
-
-    image_tokens: [B, n] codes (code = colour * patterns + pattern, colour 0 = empty);
-    returns BoolTensor[colours - 1, B, n], set k hiding colour k + 1 (all False where the
-    colour is absent). These are object_mask's masks, one colour at a time.
-    """
-    colour = image_tokens // patterns  # (B, n)
-    return torch.stack([colour == k for k in range(1, colours)])  # (colours - 1, B, n)
-
-
-def hidden_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """sum over hidden positions i of log p(targets_i): logits[R, n, K], targets/hidden[R, n] -> [R]."""
-    log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]  # (R, n)
-    return (log_p * hidden).sum(-1)
-
-
-def mirror_loss(logits: torch.Tensor, contrast_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """mean over rows of softplus(log p(Y | contrast) - log p(Y | caption)) / n: a scalar.
-
-    Beyond the paper. logits / contrast_logits[B, n, K] are one pass over the same input
-    read with the caption and with a caption the image must not match; targets[B, n] = Y.
-    Cross-entropy alone lets a model that ignores a relation word pay little: drawing "A
-    left of B" either way round costs about log 2 per image. This term asks the caption to
-    explain the image better than its mirror does, and goes quiet once it does by a few nats
-    (the README measures what it changes: the demo had learnt "above" but not "left of").
-    Divided by n, a weight of 1 weighs one image about as much as the cross-entropy does.
-    """
-    everything = torch.ones_like(targets, dtype=torch.bool)
-    margin = hidden_log_likelihood(logits, targets, everything) - hidden_log_likelihood(contrast_logits, targets, everything)
-    return F.softplus(-margin).mean() / targets.shape[1]
-
-
 # ----------------------------------------------------------------------------------------
 # The decoder
 # ----------------------------------------------------------------------------------------
@@ -395,41 +309,17 @@ def mirror_loss(logits: torch.Tensor, contrast_logits: torch.Tensor, targets: to
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over image tokens; bidirectional (NAR) or causal (AR), with
-    an optional key/value cache for token-by-token AR decoding.
+    an optional key/value cache for token-by-token AR decoding."""
 
-    With `grid`, every head adds a learned bias b[dy, dx] to the score of a query and a key
-    that lie dy rows and dx columns apart on the token grid (as Swin and T5 do; beyond the
-    paper, whose decoder has only absolute positions). Absolute embeddings leave "the
-    token to my left" to be learned from 64 unrelated vectors; in the shapes world, where
-    an object is a block of neighbouring patterns, that was the slowest thing to learn.
-    """
-
-    def __init__(self, width: int, heads: int, grid: tuple[int, int] | None = None):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        if grid is not None:
-            h, w = grid
-            rows, cols = torch.arange(h * w) // w, torch.arange(h * w) % w
-            offset = (rows[:, None] - rows[None] + h - 1) * (2 * w - 1) + (cols[:, None] - cols[None] + w - 1)
-            self.register_buffer("offset_index", offset, persistent=False)  # (n, n) into the bias table
-            self.relative_bias = nn.Parameter(torch.zeros(heads, (2 * h - 1) * (2 * w - 1)))
-
-    def position_bias(self, queries: slice, keys: int, causal: bool):
-        """Additive score bias [heads, Sq, Sk] (relative positions, causal -inf), or None."""
-        if not hasattr(self, "relative_bias"):
-            return None
-        bias = self.relative_bias[:, self.offset_index[queries, :keys]]  # (h, Sq, Sk)
-        if causal:
-            q = torch.arange(keys, device=bias.device)[queries]
-            bias = bias.masked_fill(q[:, None] < torch.arange(keys, device=bias.device), float("-inf"))
-        return bias
 
     def forward(self, x: torch.Tensor, causal: bool, cache: dict | None) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, S, hd)
-        queries = slice(0, S)
         if cache is not None:  # AR decoding: one new query attends to every earlier position
             if "k" not in cache:  # first step: room for the whole sequence, written in place (no
                 cache["k"] = k.new_empty(B, self.heads, cache["size"], D // self.heads)  # growing copy)
@@ -437,12 +327,8 @@ class SelfAttention(nn.Module):
             start, end = cache["length"], cache["length"] + S
             cache["k"][:, :, start:end], cache["v"][:, :, start:end] = k, v
             k, v, cache["length"] = cache["k"][:, :, :end], cache["v"][:, :, :end], end  # (B, h, end, hd)
-            queries, causal = slice(start, end), False  # S == 1: the cache holds only the past
-        bias = self.position_bias(queries, k.shape[2], causal)
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, S, hd)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # causality is in the bias
+            causal = False  # S == 1: the cache holds only the past
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, S, hd)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -471,10 +357,10 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm decoder block: self-attention, cross-attention to the text, MLP."""
 
-    def __init__(self, width: int, text_width: int, heads: int, mlp_ratio: float, grid: tuple[int, int] | None = None):
+    def __init__(self, width: int, text_width: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, grid)
+        self.attn = SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.cross = CrossAttention(width, text_width, heads)
         self.ln_3 = nn.LayerNorm(width)
@@ -487,77 +373,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_3(x))
 
 
-class FactoredEmbedding(nn.Module):
-    """Input embedding of colour-factored codes: e(colour * P + pattern) = colour vector + pattern vector.
-
-    Beyond the paper, for the shapes tokenizer (vqgan.PatternQuantizer). A table with one
-    free row per code would leave the codes of held-out colour-shape pairs (a purple
-    triangle's) untrained; with shared factors they are built from trained parts. [mask]
-    (id colours * P) is its own colour and pattern. `weight` materialises the full table
-    [colours * P + 1, width], as nn.Embedding's, for code that reads it.
-    """
-
-    def __init__(self, colours: int, patterns: int, width: int):
-        super().__init__()
-        self.patterns, self.mask_id = patterns, colours * patterns
-        self.colour = nn.Embedding(colours + 1, width)  # + [mask]
-        self.pattern = nn.Embedding(patterns + 1, width)  # + [mask]
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        masked = tokens == self.mask_id
-        colour = torch.where(masked, self.colour.num_embeddings - 1, tokens // self.patterns)
-        pattern = torch.where(masked, self.patterns, tokens % self.patterns)
-        return self.colour(colour) + self.pattern(pattern)  # (..., width)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self(torch.arange(self.mask_id + 1, device=self.colour.weight.device))
-
-
-class FactoredHead(nn.Module):
-    """Logits of colour-factored codes: logit(colour * P + pattern) = colour logit + pattern logit.
-
-    The code's distribution is then p(colour) p(pattern) at each position, and its
-    cross-entropy is the sum of the two factors' (log-softmax of a sum of independent
-    logits). Held-out pairs get their probability from factors trained on other pairs.
-    """
-
-    def __init__(self, width: int, colours: int, patterns: int):
-        super().__init__()
-        self.colours = colours
-        self.proj = nn.Linear(width, colours + patterns)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        colour, pattern = self.proj(x).split([self.colours, self.proj.out_features - self.colours], -1)
-        return (colour[..., :, None] + pattern[..., None, :]).flatten(-2)  # (..., colours * patterns)
-
-
 class Emage(nn.Module):
     """Encoder-decoder generator: CLIP text encoder + Transformer decoder over image tokens.
 
     `variant` records what the model was trained as (set by load_checkpoint, or by the
     caller); generate() picks its default algorithm from it, Algorithm 3 when unknown.
+
+    `beyond` is the one seam to what lies beyond the paper (extensions.Beyond, or None for
+    the paper's model). It may supply the token embedding and the output head
+    (`embedding(config)`, `head(config)`, None for the paper's), widen the training masks
+    (`training_mask(config, mask, image_tokens, rand)`) and add a term to variant 3's loss
+    (`extra_loss(model, text_tokens, x, image_tokens, logits, **extra)`).
     """
 
-    def __init__(self, config: EmageConfig, variant=None):
+    def __init__(self, config: EmageConfig, variant=None, beyond=None):
         super().__init__()
         _check_config(config)
         self.config = config
         self.variant = None if variant is None else parse_variant(variant)
+        self.beyond = beyond
         c = config
         self.text_encoder = TextEncoder(c.text)
-        if c.colours:  # colour-factored codes of the shapes tokenizer
-            self.tok_emb = FactoredEmbedding(c.colours, c.codebook_size // c.colours, c.width)
-        else:
-            self.tok_emb = nn.Embedding(c.codebook_size + 1, c.width)  # codes + [mask]
+        embedding = beyond.embedding(c) if beyond is not None else None
+        self.tok_emb = embedding if embedding is not None else nn.Embedding(c.codebook_size + 1, c.width)  # codes + [mask]
         self.pos_emb = nn.Parameter(torch.zeros(c.n, c.width))  # learned positions
-        grid = tuple(c.grid) if c.relative_positions else None
-        self.blocks = nn.ModuleList(Block(c.width, c.text.width, c.heads, c.mlp_ratio, grid) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(Block(c.width, c.text.width, c.heads, c.mlp_ratio) for _ in range(c.layers))
         self.ln_f = nn.LayerNorm(c.width)
-        if c.colours:
-            self.head = FactoredHead(c.width, c.colours, c.codebook_size // c.colours)
-        else:
-            self.head = nn.Linear(c.width, c.codebook_size)  # logits over codes only: [mask] is never predicted
+        head = beyond.head(c) if beyond is not None else None
+        self.head = head if head is not None else nn.Linear(c.width, c.codebook_size)  # [mask] is never predicted
         self._init_decoder()
 
     def _init_decoder(self) -> None:
@@ -609,15 +452,12 @@ class Emage(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
 
-    def loss(self, text_tokens, image_tokens, variant, generator: torch.Generator | None = None,
-             contrast_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, text_tokens, image_tokens, variant, generator: torch.Generator | None = None, **extra) -> torch.Tensor:
         """Cross-entropy of one batch for a variant of Fig. 2: "full", 1, 2, 3 or "ar".
 
         text_tokens: [B, L] long; image_tokens: [B, n] long (ground truth Y). All
         randomness comes from `generator` (the global generator when None), in the order
-        listed at the top of this file. With config.mirror_loss > 0 and contrast_tokens[B, L]
-        (per row a caption the image must not match: on the shapes world the mirrored
-        relation), variant 3 adds config.mirror_loss * mirror_loss(...) on its second pass.
+        listed at the top of this file. `extra` goes to beyond.extra_loss (variant 3).
         """
         variant = parse_variant(variant)
         c, y = self.config, image_tokens
@@ -625,65 +465,63 @@ class Emage(nn.Module):
             raise EmageError(f"image tokens must be [batch, {c.n}] for grid {c.grid}, got {tuple(y.shape)}")
         B, dev = y.shape[0], y.device
         rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)  # noqa: E731
-
-        def masked():
-            mask = random_mask(rand(B), rand(B, c.n), c.train_schedule)
-            if c.block_mask > 0:
-                u_block = rand(B, 5)
-                mask = mask | (block_mask(u_block, c.grid) & (u_block[:, :1] < c.block_mask))
-            if c.object_mask > 0:
-                u_object = rand(B, c.colours)  # (flag, one per non-empty colour)
-                hidden = object_mask(y, u_object[:, 1:], c.codebook_size // c.colours)
-                mask = mask | (hidden & (u_object[:, :1] < c.object_mask))
-            return mask
-
-        contrasted = None  # rows whose contrast caption differs from their own (before dropout)
-        if contrast_tokens is not None and c.mirror_loss > 0:
-            if contrast_tokens.shape != text_tokens.shape:
-                raise EmageError(f"contrast captions must be shaped like the captions {tuple(text_tokens.shape)}, "
-                                 f"got {tuple(contrast_tokens.shape)}")
-            contrasted = (contrast_tokens != text_tokens).any(1)  # (B,)
         if self.training and c.caption_dropout > 0:  # train the unconditional model too (guidance)
             drop = rand(B) < c.caption_dropout
             text_tokens = torch.where(drop[:, None], self.empty_caption(B, text_tokens.shape[1], dev), text_tokens)
-            if contrasted is not None:
-                contrasted = contrasted & ~drop  # an empty caption has no mirror
+        losses = {"full": self.loss_full, 1: self.loss_1, 2: self.loss_2, 3: self.loss_3, "ar": self.loss_ar}
+        return losses[variant](text_tokens, y, rand, **extra)
+
+    def training_mask(self, image_tokens, rand) -> torch.Tensor:
+        """Algorithm 2, lines 3-4: k ~ U(0, n] random positions (widened by `beyond`, if given)."""
+        B, n = image_tokens.shape
+        mask = random_mask(rand(B), rand(B, n), self.config.train_schedule)
+        return mask if self.beyond is None else self.beyond.training_mask(self.config, mask, image_tokens, rand)
+
+    def loss_ar(self, text_tokens, y, rand, **extra):
+        """The autoregressive baseline: input [start = mask id, y_1 .. y_{n-1}], predict y_1 .. y_n."""
+        text_kv, text_mask = self.encode_text(text_tokens)
+        start = torch.full_like(y[:, :1], self.config.mask_id)
+        logits = self.round_logits(torch.cat([start, y[:, :-1]], 1), text_kv, text_mask, causal=True)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def loss_full(self, text_tokens, y, rand, **extra):
+        """Section 3.1, fully NAR: every position [mask], one pass, loss on all."""
+        logits = self.round_logits(torch.full_like(y, self.config.mask_id), *self.encode_text(text_tokens))
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def loss_1(self, text_tokens, y, rand, **extra):
+        """Section 3.2, #1: mask k ~ U(0, n] positions, predict them."""
+        mask = self.training_mask(y, rand)
+        logits = self.round_logits(torch.where(mask, self.config.mask_id, y), *self.encode_text(text_tokens))
+        return F.cross_entropy(logits[mask], y[mask])
+
+    # Passes 1 of #2 and #3. The paper does not say how the predicted tokens are chosen
+    # nor whether gradients flow through pass 1. Default: argmax under no_grad.
+    # - argmax: the inputs of pass 2 then look like the committed tokens of inference,
+    #   which are the most probable ones (top-ranked by P_obs); "sample" draws instead.
+    # - no gradient: Y_pred / Y_mix are discrete tokens, so no gradient reaches pass 1
+    #   without an estimator the paper does not mention; Algorithm 2 line 9 computes the
+    #   loss of pass 2 only. no_grad also skips pass 1's backward and activations (a #3
+    #   step costs ~4/3 of a #1 step instead of 2x). pass1_grad=True lets gradients in
+    #   through a straight-through one-hot (forward values unchanged).
+
+    def loss_2(self, text_tokens, y, rand, **extra):
+        """Section 3.3, #2: pass 1 fills the masked positions -> Y_mix; then #1 on Y_mix."""
         text_kv, text_mask = self.encode_text(text_tokens)  # once, shared by both passes
-        M = torch.full_like(y, c.mask_id)
+        M = self.config.mask_id
+        mask1 = self.training_mask(y, rand)  # random positions ~ U(0, |Y|]
+        pred, st = self._pass1(torch.where(mask1, M, y), text_kv, text_mask, rand)  # fill them
+        y_mix = torch.where(mask1, pred, y)  # ground truth + predictions
+        mask2 = self.training_mask(y, rand)  # then #1 on Y_mix: loss on the masked positions
+        x = self._embed_mixed(torch.where(mask2, M, y_mix), st, mask1 & ~mask2)
+        logits = self._decode(x, text_kv, text_mask)
+        return F.cross_entropy(logits[mask2], y[mask2])
 
-        if variant == "ar":  # input [start = mask id, y_1 .. y_{n-1}], predict y_1 .. y_n
-            logits = self.round_logits(torch.cat([M[:, :1], y[:, :-1]], 1), text_kv, text_mask, causal=True)
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-        if variant == "full":  # Section 3.1: every position [mask], one pass, loss on all
-            logits = self.round_logits(M, text_kv, text_mask)
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-        if variant == 1:  # Section 3.2: mask k ~ U(0, n] positions, predict them
-            mask = masked()
-            logits = self.round_logits(torch.where(mask, M, y), text_kv, text_mask)
-            return F.cross_entropy(logits[mask], y[mask])
-
-        # Passes 1 of #2 and #3. The paper does not say how the predicted tokens are chosen
-        # nor whether gradients flow through pass 1. Default: argmax under no_grad.
-        # - argmax: the inputs of pass 2 then look like the committed tokens of inference,
-        #   which are the most probable ones (top-ranked by P_obs); "sample" draws instead.
-        # - no gradient: Y_pred / Y_mix are discrete tokens, so no gradient reaches pass 1
-        #   without an estimator the paper does not mention; Algorithm 2 line 9 computes the
-        #   loss of pass 2 only. no_grad also skips pass 1's backward and activations (a #3
-        #   step costs ~4/3 of a #1 step instead of 2x). pass1_grad=True lets gradients in
-        #   through a straight-through one-hot (forward values unchanged).
-        if variant == 2:  # Section 3.3
-            mask1 = masked()  # random positions ~ U(0, |Y|]
-            pred, st = self._pass1(torch.where(mask1, M, y), text_kv, text_mask, rand)  # fill them
-            y_mix = torch.where(mask1, pred, y)  # ground truth + predictions
-            mask2 = masked()  # then #1 on Y_mix: loss on the masked positions
-            x = self._embed_mixed(torch.where(mask2, M, y_mix), st, mask1 & ~mask2)
-            logits = self._decode(x, text_kv, text_mask)
-            return F.cross_entropy(logits[mask2], y[mask2])
-
-        # variant 3: Algorithm 2
-        mask1 = masked()  # lines 3-4: r ~ U(0, 1], k positions
+    def loss_3(self, text_tokens, y, rand, **extra):
+        """Section 3.4, #3: Algorithm 2, line by line."""
+        text_kv, text_mask = self.encode_text(text_tokens)  # once, shared by both passes
+        M = self.config.mask_id
+        mask1 = self.training_mask(y, rand)  # lines 3-4: r ~ U(0, 1], k positions
         y_mask = torch.where(mask1, M, y)  # line 5: Y_mask
         y_pred, st = self._pass1(y_mask, text_kv, text_mask, rand)  # line 6: Y_pred, all positions
         # Line 6 read literally lets pass 1 overwrite the tokens it was shown. But only pass 2
@@ -694,16 +532,14 @@ class Emage(nn.Module):
         # visible still cost 6.8 nats (uniform over the codes in use). A model that reads its
         # input returns the shown tokens unchanged, so by default we keep them: Y_obs then
         # mixes true tokens, pass-1 mistakes and [mask], as Section 3.4 describes.
-        seen = ~mask1 if c.pass1_keep_seen else torch.zeros_like(mask1)
+        seen = ~mask1 if self.config.pass1_keep_seen else torch.zeros_like(mask1)
         y_pred = torch.where(seen, y, y_pred)
-        mask2 = masked()  # line 7: another ratio, mask Y_pred -> Y_obs
+        mask2 = self.training_mask(y, rand)  # line 7: another ratio, mask Y_pred -> Y_obs
         x = self._embed_mixed(torch.where(mask2, M, y_pred), st, ~mask2 & ~seen)
         logits = self._decode(x, text_kv, text_mask)  # line 8: predict all positions
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # line 9: loss on all positions
-        if contrasted is not None and bool(contrasted.any()):
-            x, y, logits = x[contrasted], y[contrasted], logits[contrasted]
-            contrast_logits = self._decode(x, *self.encode_text(contrast_tokens[contrasted]))
-            loss = loss + c.mirror_loss * mirror_loss(logits, contrast_logits, y)
+        if self.beyond is not None:  # beyond the paper: an extra term on pass 2 (extensions.py)
+            loss = loss + self.beyond.extra_loss(self, text_tokens, x, y, logits, **extra)
         return loss
 
     def _pass1(self, inputs, text_kv, text_mask, rand):
@@ -809,61 +645,6 @@ class Emage(nn.Module):
             history.append(tokens)
         return (tokens, torch.stack(history)) if return_history else tokens  # line 8: return Y_obs
 
-    @torch.no_grad()
-    def self_score(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor,
-                   generator: torch.Generator | None = None, random_sets: int = 4,
-                   contrast_tokens: torch.Tensor | None = None,
-                   contrast_weight: float = CONTRAST_WEIGHT) -> torch.Tensor:
-        """How well the generator predicts each part of an image from the rest: FloatTensor[B].
-
-        Beyond the paper, a re-ranker for generate()'s candidates that needs no CLIP. For
-        each hide-set H the decoder reads the caption and the image with H replaced by
-        [mask], and the score adds log p(y_i) over i in H: a pseudo-likelihood. With
-        colour-factored codes H is every token of one colour (colour_hide_sets), the
-        question object_mask trains: on the shapes demo an extra or misshapen object then
-        scores low, a swapped relation less reliably (README). Otherwise H is a random half
-        of the positions, `random_sets` times. text_tokens[B, L] and image_tokens[B, n],
-        one caption per row.
-
-        contrast_tokens[B, L'] names, per row, a caption the image should not match (on
-        the shapes world: the caption with its relation mirrored, shapes.mirrored). The
-        score then adds contrast_weight * [log p(Y | all [mask], caption) - log p(Y | all
-        [mask], contrast)]: how much better the caption than its contrast explains the
-        layout, read from the first round's predictions, where the layout is decided. A
-        row whose contrast is its own caption adds 0.
-        """
-        c = self.config
-        if text_tokens.shape[0] != image_tokens.shape[0]:
-            raise EmageError(f"self_score needs one caption per image, got {text_tokens.shape[0]} captions "
-                             f"for {image_tokens.shape[0]} images")
-        if c.colours:
-            hide = colour_hide_sets(image_tokens, c.codebook_size // c.colours, c.colours)  # (M, B, n)
-            hide = hide[hide.flatten(1).any(1)]  # colours absent from every image cost nothing
-        else:
-            u = torch.rand(random_sets, *image_tokens.shape, generator=generator, device=image_tokens.device)
-            hide = u < 0.5  # (M, B, n)
-        M = hide.shape[0]
-        text_kv, text_mask = self.encode_text(text_tokens)
-        targets = image_tokens.repeat(M, 1)  # (M * B, n): hide-set m of row b at m * B + b
-        inputs = torch.where(hide.flatten(0, 1), torch.full_like(targets, c.mask_id), targets)
-        logits = self.round_logits(inputs, text_kv.repeat(M, *[1] * (text_kv.dim() - 1)),
-                                   text_mask.repeat(M, 1, 1, 1))  # (M * B, n, K)
-        score = hidden_log_likelihood(logits, targets, hide.flatten(0, 1)).view(M, -1).sum(0)  # (B,)
-        if contrast_tokens is None:
-            return score
-        if contrast_tokens.shape[0] != image_tokens.shape[0]:
-            raise EmageError(f"self_score needs one contrast caption per image, got {contrast_tokens.shape[0]} "
-                             f"for {image_tokens.shape[0]} images")
-        everything = torch.ones_like(image_tokens, dtype=torch.bool)
-
-        def first_round(text):  # log p(Y | all [mask], text): (B,), one decoder pass per distinct caption
-            distinct, row = torch.unique(text, dim=0, return_inverse=True)  # candidates share their caption
-            masked = torch.full((len(distinct), c.n), c.mask_id, dtype=torch.long, device=text.device)  # round 1's input
-            logits = self.round_logits(masked, *self.encode_text(distinct))  # (U, n, K)
-            return hidden_log_likelihood(logits[row], image_tokens, everything)
-
-        return score + contrast_weight * (first_round(text_tokens) - first_round(contrast_tokens))
-
     def _embed(self, tokens, caches=None):
         """Token + position embeddings; with an AR cache, positions continue after the cached ones."""
         start = caches[0].get("length", 0) if caches is not None else 0
@@ -922,24 +703,12 @@ class Emage(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then os.replace (never a half file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path, vqgan_dir, extra: dict | None = None) -> Path:
     """Write config.json + model.safetensors (+ a copy of the tokenizer vocabulary) to out_dir.
 
     config.json holds the EmageConfig, the variant, the step, the VQGAN checkpoint dir
-    relative to out_dir and the vocabulary file name.
+    relative to out_dir, the vocabulary file name and, for a model with extensions, their
+    settings under "beyond".
     """
     from safetensors.torch import save_file
 
@@ -949,7 +718,7 @@ def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path
     if not tokenizer_path.is_file():
         raise EmageError(f"tokenizer vocabulary {tokenizer_path} does not exist; pass the BPE file the captions were encoded with")
     if tokenizer_path.resolve() != (out / tokenizer_path.name).resolve():
-        _atomic_write(out / tokenizer_path.name, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+        atomic_write(out / tokenizer_path.name, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
     info = {
         "config": model.config.to_dict(),
         "variant": parse_variant(variant),
@@ -958,17 +727,21 @@ def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path
         "tokenizer": tokenizer_path.name,
         "extra": extra or {},
     }
+    if model.beyond is not None:  # what extensions.load_checkpoint needs to rebuild it
+        info["beyond"] = model.beyond.to_dict()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
+    write_json(out / "config.json", info)
     return out
 
 
-def load_checkpoint(ckpt_dir, map_location="cpu") -> tuple[Emage, dict]:
+def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Emage, dict]:
     """Rebuild the model from config.json and load model.safetensors strictly.
 
     Returns (model in eval mode, info) with info = {variant, step, tokenizer_path,
-    vqgan_dir (both absolute), extra}.
+    vqgan_dir (both absolute), extra}. make_beyond(meta) -> the `beyond` object of a
+    checkpoint that uses extensions (extensions.load_checkpoint passes it); without it such
+    a checkpoint is refused.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -982,7 +755,11 @@ def load_checkpoint(ckpt_dir, map_location="cpu") -> tuple[Emage, dict]:
         raise EmageError(f"{d / 'config.json'} is not valid JSON ({e}); copy the checkpoint again") from None
     if not isinstance(meta, dict) or "config" not in meta or "tokenizer" not in meta or "vqgan_dir" not in meta:
         raise EmageError(f"{d / 'config.json'} lacks the config, tokenizer or vqgan_dir entry; was it written by save_checkpoint?")
-    model = Emage(EmageConfig.from_dict(meta["config"]), variant=meta.get("variant"))
+    if make_beyond is None and meta.get("beyond"):
+        raise EmageError(f"{d} uses features beyond the paper ({', '.join(meta['beyond'])}): "
+                         "load it with extensions.load_checkpoint")
+    beyond = make_beyond(meta) if make_beyond is not None else None
+    model = Emage(EmageConfig.from_dict(meta["config"]), variant=meta.get("variant"), beyond=beyond)
     try:
         state = load_file(str(d / "model.safetensors"), device=str(map_location))
     except SafetensorError as e:

@@ -1,7 +1,8 @@
 """Export the sampling pipeline to ONNX and run it on ONNX Runtime.
 
-    python export_onnx.py --checkpoint checkpoints/shapes/emage --out onnx/shapes
-    python sample.py "a red circle" --backend onnx --onnx-dir onnx/shapes
+    python export_onnx.py                         the shipped demo -> exports/shapes-demo/
+    python sample.py "a red circle" --backend onnx   reads exports/shapes-demo/ by default
+    python export_onnx.py --checkpoint DIR --out OUT [--overwrite]
 
 Four graphs, each with a dynamic batch axis, exported by the TorchScript-based
 `torch.onnx.export` (dynamo=False) at opset 17:
@@ -15,7 +16,7 @@ Four graphs, each with a dynamic batch axis, exported by the TorchScript-based
 
 Random numbers never live inside a graph: the uniform noise of each round is an input
 drawn on the host from one torch.Generator in the order `emage.generate` draws it, so
-for the same caption and seed `OnnxPipeline` commits the same tokens as `sample.Pipeline`,
+for the same caption and seed the ONNX pipeline commits the same tokens as PyTorch's,
 except where a sample lies within float rounding (~1e-6) of a boundary of the CDF: the
 two runtimes multiply matrices with different kernels. On the shapes demo 9 of 10
 evaluation captions (2 images each) give identical tokens, the 10th differs in 1 of 128
@@ -27,7 +28,9 @@ After writing the graphs the command checks each against PyTorch on random input
 fails loudly otherwise: max abs difference <= 1e-4 in fp32, and every discrete decision
 (sampled token, committed position) equal unless it is within 1e-4 of a tie
 (`check_round`). config.json, written last, records the opset, the exporter and the
-measured differences.
+measured differences. The graphs are written into a fresh folder beside --out and moved
+into place only once they pass: an existing folder is never touched unless it holds an
+earlier export and --overwrite is given, and a checkpoint folder never.
 """
 from __future__ import annotations
 
@@ -48,7 +51,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import emage
-import sample
+import extensions
+from files import atomic_write, write_json
+
+ROOT = Path(__file__).resolve().parent
+DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
+DEFAULT_OUT = ROOT / "exports" / "shapes-demo"  # where sample.py --backend onnx looks by default
 
 OPSET = 17  # ONNX opset of every graph (TopK tie-breaking by index is defined since opset 11)
 EXPORTER = "torch.onnx.export (TorchScript-based, dynamo=False)"
@@ -453,33 +461,26 @@ class OnnxVQGAN:
         return torch.from_numpy(images)
 
 
-class OnnxPipeline(sample.Pipeline):
-    """`sample.Pipeline` (same generate / decode / decode_history) with the text encoder, the
-    rounds and the VQGAN decoder on ONNX Runtime. Tokens, noise and images stay torch
-    tensors on the host; `device` is the host device (the CPU), `ort_device` where ONNX
-    Runtime computes."""
+def load_onnx(onnx_dir, device: str = "cpu", threads: int = 0):
+    """(model, vqgan, tokenizer, info) of an exported folder, the parts `sample.Pipeline` holds:
+    OnnxEmage (same generate as emage.Emage), OnnxVQGAN (decode only), the caption tokenizer
+    and the checkpoint's info. Tokens, noise and images stay torch tensors on the CPU;
+    `device` says where ONNX Runtime computes."""
+    import clip_text
+    import vqgan
 
-    ort_device: tuple[str, int] = ("cpu", 0)
-
-    @classmethod
-    def load(cls, onnx_dir: str | Path, device: str = "cpu", threads: int = 0) -> "OnnxPipeline":
-        import clip_text
-        import vqgan
-
-        folder = Path(onnx_dir)
-        meta = read_config(folder)
-        where = ort_device(str(device))
-        sessions = {name: make_session(folder / file, where, threads) for name, file in meta["graphs"].items()}
-        config = emage.EmageConfig.from_dict(meta["config"])
-        variant = None if meta.get("variant") is None else emage.parse_variant(meta["variant"])
-        model = OnnxEmage({k: sessions[k] for k in ("text", "round", "round_guided")}, config, variant, where)
-        tokenizer = clip_text.Tokenizer(folder / meta["tokenizer"])
-        info = {"variant": variant, "step": meta.get("step", 0), "tokenizer_path": str((folder / meta["tokenizer"]).resolve()),
-                "vqgan_dir": None, "extra": meta.get("extra", {})}
-        decoder = OnnxVQGAN(sessions["vqgan_decoder"], vqgan.VQGANConfig.from_dict(meta["vqgan_config"]))
-        pipe = cls(model, decoder, tokenizer, info, folder, torch.device("cpu"))
-        pipe.ort_device = where
-        return pipe
+    folder = Path(onnx_dir)
+    meta = read_config(folder)
+    where = ort_device(str(device))
+    sessions = {name: make_session(folder / file, where, threads) for name, file in meta["graphs"].items()}
+    config = emage.EmageConfig.from_dict(meta["config"])
+    variant = None if meta.get("variant") is None else emage.parse_variant(meta["variant"])
+    model = OnnxEmage({k: sessions[k] for k in ("text", "round", "round_guided")}, config, variant, where)
+    tokenizer = clip_text.Tokenizer(folder / meta["tokenizer"])
+    info = {"variant": variant, "step": meta.get("step", 0), "tokenizer_path": str((folder / meta["tokenizer"]).resolve()),
+            "vqgan_dir": None, "extra": meta.get("extra", {})}
+    decoder = OnnxVQGAN(sessions["vqgan_decoder"], vqgan.VQGANConfig.from_dict(meta["vqgan_config"]))
+    return model, decoder, tokenizer, info
 
 
 def read_config(folder: Path) -> dict:
@@ -627,18 +628,55 @@ def check_graphs(model: emage.Emage, vqgan_model, out_dir, batch: int = 3, seed:
 
 
 def export(model: emage.Emage, vqgan_model, out_dir, *, tokenizer_path, variant=None, step: int = 0,
-           extra: dict | None = None, opset: int = OPSET, batch: int = 2, check_batch: int = 3, log=print) -> dict:
+           extra: dict | None = None, opset: int = OPSET, batch: int = 2, check_batch: int = 3, log=print,
+           overwrite: bool = False) -> dict:
     """Export the four graphs to out_dir, check them against PyTorch, copy the tokenizer
-    vocabulary and write config.json last (a folder with config.json passed the check)."""
-    import onnxruntime
-
+    vocabulary and write config.json (in a fresh folder, moved to out_dir once it passed)."""
     if vqgan_model.config.n_embed != model.config.codebook_size:
         raise ExportError(f"the VQGAN has {vqgan_model.config.n_embed} codes but the generator "
                           f"{model.config.codebook_size}; the checkpoint points at the wrong VQGAN")
     started = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)  # written again only once every graph passes
+    final = Path(out_dir)
+    check_destination(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        meta = _export_into(out, model, vqgan_model, tokenizer_path, variant, step, extra, opset, batch,
+                            check_batch, log, started)
+        if final.exists():  # an earlier export, and --overwrite was given (check_destination)
+            shutil.rmtree(final)
+        os.replace(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return meta
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse to write where a user's files would be lost: a checkpoint folder, a file, any
+    non-empty folder that is not an earlier export, and an earlier export without --overwrite."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is a file; pass a folder")
+    if (out / "model.safetensors").exists():
+        raise ExportError(f"--out {out} is a checkpoint folder; export into another folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    try:
+        earlier = json.loads((out / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise ExportError(f"--out {out} holds other files; pass an empty or new folder")
+    if not overwrite:
+        raise ExportError(f"--out {out} holds an earlier export; pass --overwrite to replace it, or another --out")
+
+
+def _export_into(out, model, vqgan_model, tokenizer_path, variant, step, extra, opset, batch, check_batch, log, started):
+    import onnxruntime
+
     export_graphs(model, vqgan_model, out, opset, batch)
     log(f"exported {', '.join(GRAPHS.values())} (opset {opset}) in {time.perf_counter() - started:.1f} s")
     diffs = check_graphs(model, vqgan_model, out, batch=check_batch)
@@ -662,28 +700,30 @@ def export(model: emage.Emage, vqgan_model, out_dir, *, tokenizer_path, variant=
         "tokenizer": tokenizer_path.name,
         "extra": extra or {},
     }
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "config.json")
+    write_json(out / "config.json", meta)
     return meta
 
 
-def export_checkpoint(checkpoint, out_dir, opset: int = OPSET, batch: int = 2, check_batch: int = 3, log=print) -> dict:
+def export_checkpoint(checkpoint, out_dir, opset: int = OPSET, batch: int = 2, check_batch: int = 3, log=print,
+                      overwrite: bool = False) -> dict:
     """Export an Emage checkpoint folder and the VQGAN it names (see `export`)."""
     import vqgan
 
-    model, info = emage.load_checkpoint(checkpoint)
+    check_destination(Path(out_dir), overwrite)  # before minutes of work
+    model, info = extensions.load_checkpoint(checkpoint)
     vqgan_model = vqgan.load_vqgan(info["vqgan_dir"]).eval()
     return export(model, vqgan_model, out_dir, tokenizer_path=info["tokenizer_path"], variant=info["variant"],
                   step=info["step"], extra=dict(info["extra"], checkpoint=str(Path(checkpoint).resolve())),
-                  opset=opset, batch=batch, check_batch=check_batch, log=log)
+                  opset=opset, batch=batch, check_batch=check_batch, log=log, overwrite=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=sample.DEMO_CHECKPOINT, help="Emage checkpoint folder")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the graphs and their config.json")
+    parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT, help="Emage checkpoint folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the graphs and their config.json (sample.py --backend onnx reads the default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
     parser.add_argument("--batch", type=int, default=2, help="batch of the example inputs traced (the axis stays dynamic)")
     parser.add_argument("--check-batch", type=int, default=3, help="batch of the parity check (best not --batch)")
@@ -699,7 +739,7 @@ def main(argv=None) -> int:
             raise ExportError(f"--opset {args.opset} is too old: scaled dot-product attention needs opset 14 or later")
         if args.batch < 1 or args.check_batch < 1:
             raise ExportError(f"--batch and --check-batch must be at least 1, got {args.batch} and {args.check_batch}")
-        export_checkpoint(args.checkpoint, args.out, args.opset, args.batch, args.check_batch)
+        export_checkpoint(args.checkpoint, args.out, args.opset, args.batch, args.check_batch, overwrite=args.overwrite)
         print(args.out / "config.json")
     except (ExportError, emage.EmageError, vqgan.VQGANError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,7 +5,7 @@
 Caption -> CLIP text encoder -> T rounds of mask-predict over the image tokens
 (Algorithm 3 of the paper for a #3 model, Algorithm 1 for #1/#2) -> VQGAN
 decoder -> PNG. The default checkpoint is the shapes-world demo shipped in
-`checkpoints/shapes/emage`, which only knows the captions of `shared/SHAPES.md`.
+`checkpoints/shapes/emage`, which only knows the captions of `SHAPES.md`.
 
 Beyond the paper, the same mask-predict loop edits images (as Muse and aMUSEd do):
 the image is tokenised by the VQGAN, the tokens to redraw are set to [mask] and the
@@ -23,7 +23,7 @@ tokens (default: all of them; 0.5 for a variation).
 
 Every image is the best of `--candidates` candidates drawn in one batch. The paper ranks 16
 candidates by CLIP image-text similarity (Section 4, `--rerank clip`); by default they are
-ranked by the generator itself (`--rerank self`, `Emage.self_score`: how well it predicts
+ranked by the generator itself (`--rerank self`, `extensions.self_score`: how well it predicts
 each object of a candidate from the rest and the caption; `--contrast mirror` also asks how
 much better the prompt explains its layout than the mirrored prompt does, "a red circle to
 the right of a blue square"; the shipped demo, trained with the mirror loss, gains nothing
@@ -44,7 +44,12 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-import judge as judges
+import clip_text
+import emage
+import extensions
+import shapes
+import vqgan
+from files import FileError, atomic_write, open_image
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
@@ -63,28 +68,36 @@ class SampleError(ValueError):
 class Pipeline:
     """Everything sampling needs, loaded once: tokenizer, generator, VQGAN decoder."""
 
-    model: "emage.Emage"  # noqa: F821
-    vqgan: "vqgan.VQGAN"  # noqa: F821
-    tokenizer: "clip_text.Tokenizer"  # noqa: F821
+    model: emage.Emage  # or export_onnx.OnnxEmage (same generate)
+    vqgan: vqgan.VQGAN  # or export_onnx.OnnxVQGAN (decode only)
+    tokenizer: clip_text.Tokenizer
     info: dict
     checkpoint: Path
     device: torch.device
 
     @classmethod
     def load(cls, checkpoint: str | Path = DEMO_CHECKPOINT, device: str | torch.device = "cpu") -> "Pipeline":
-        import clip_text
-        import emage
-        import vqgan
-
         checkpoint = Path(checkpoint)
         if not checkpoint.is_dir():
             raise SampleError(f"checkpoint folder {checkpoint} does not exist; pass --checkpoint DIR "
                               "(a folder with config.json and model.safetensors written by train.py)")
         device = torch.device(device)
-        model, info = emage.load_checkpoint(checkpoint, map_location=device)
+        model, info = extensions.load_checkpoint(checkpoint, map_location=device)
         tokenizer = clip_text.Tokenizer(info["tokenizer_path"])
         decoder = vqgan.load_vqgan(info["vqgan_dir"]).to(device).eval()
         return cls(model, decoder, tokenizer, info, checkpoint, device)
+
+    @classmethod
+    def load_onnx(cls, onnx_dir: str | Path, device: str = "cpu", threads: int = 0) -> "Pipeline":
+        """The same pipeline with the text encoder, the rounds and the VQGAN decoder on ONNX
+        Runtime (graphs written by export_onnx.py); tokens, noise and images stay on the CPU."""
+        import export_onnx  # only this backend needs onnxruntime
+
+        if not Path(onnx_dir).is_dir():
+            raise SampleError(f"no exported graphs in {onnx_dir}: run python export_onnx.py first "
+                              "(or pass --onnx-dir DIR)")
+        model, decoder, tokenizer, info = export_onnx.load_onnx(onnx_dir, device, threads)
+        return cls(model, decoder, tokenizer, info, Path(onnx_dir), torch.device("cpu"))
 
     @property
     def knows_only_shapes(self) -> bool:
@@ -127,28 +140,24 @@ class Pipeline:
                                    return_history=return_history, **options)
 
     @torch.no_grad()
-    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0, contrast: str | None = None,
-                    judge=None, judge_weight: float = judges.WEIGHT) -> np.ndarray:
-        """Emage.self_score of each candidate [B, n] under the prompt, against `contrast` if given,
-        plus judge_weight times the logit of `judge` (judge.judge_for) if given: (B,), higher is better."""
+    def self_scores(self, prompt: str, tokens: torch.Tensor, seed: int = 0, contrast: str | None = None) -> np.ndarray:
+        """extensions.self_score of each candidate [B, n] under the prompt, against `contrast` if
+        given: (B,), higher is better."""
         text = self.text_tokens([prompt]).expand(len(tokens), -1)
         against = self.text_tokens([contrast]).expand(len(tokens), -1) if contrast is not None else None
         generator = torch.Generator(self.device).manual_seed(seed)  # random hide-sets of codes without colours
-        scores = self.model.self_score(text, tokens, generator=generator, contrast_tokens=against).float().cpu()
-        if judge is not None:
-            scores = scores + judge_weight * judges.judge_scores(judge, [prompt] * len(tokens), tokens)
-        return scores.numpy()
+        scores = extensions.self_score(self.model, text, tokens, generator=generator, contrast_tokens=against)
+        return scores.float().cpu().numpy()
 
     @torch.no_grad()
-    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, contrast: str | None = None, judge=None,
-                judge_weight: float = judges.WEIGHT, **options) -> torch.Tensor:
+    def best_of(self, prompt: str, candidates: int, *, seed: int = 0, contrast: str | None = None,
+                **options) -> torch.Tensor:
         """One image as sample.py draws it: the best of `candidates` by the self-score (against
-        `contrast` if given), plus judge_weight times the logit of `judge` (judge.judge_for)
-        if given; tokens [1, n]."""
+        `contrast` if given); tokens [1, n]."""
         tokens = self.generate(prompt, seed=seed, num_images=candidates, **options)
         if candidates == 1:
             return tokens
-        scores = self.self_scores(prompt, tokens, seed=seed, contrast=contrast, judge=judge, judge_weight=judge_weight)
+        scores = self.self_scores(prompt, tokens, seed=seed, contrast=contrast)
         best = int(np.argmax(scores))
         return tokens[best:best + 1]
 
@@ -206,8 +215,7 @@ def mask_pixels(path, size: tuple[int, int]) -> np.ndarray:
     """Pixels [H, W] to redraw from a mask image: white (grey level >= 128) is redrawn, black kept,
     the convention of diffusers' inpainting; the mask is resized (nearest) to the canvas."""
     H, W = size
-    with Image.open(path) as mask:
-        grey = mask.convert("L").resize((W, H), Image.NEAREST)
+    grey = open_image(path, "--mask").convert("L").resize((W, H), Image.NEAREST)
     return np.asarray(grey) >= 128
 
 
@@ -233,8 +241,7 @@ def random_subset(selected: torch.Tensor, strength: float, generator: torch.Gene
 def edit_inputs(args, pipe: Pipeline) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
     """(canvas image, init_tokens[1, n], keep_mask[1, n]) for emage's generate from the editing flags."""
     H, W = pipe.image_size
-    with Image.open(args.init_image) as opened:
-        image = opened.convert("RGB")
+    image = open_image(args.init_image, f"--init-image {args.init_image}")
     if args.place is not None:  # outpainting: the image unscaled on a black canvas, the rest redrawn
         x, y = parse_numbers(args.place, 2, "--place")
         canvas = Image.new("RGB", (W, H))
@@ -292,10 +299,7 @@ def save_png(image: Image.Image, path: Path, parameters: dict) -> None:
     """Write a PNG with the generation parameters in a `parameters` text chunk (atomically)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def pick_device(name: str) -> torch.device:
@@ -332,9 +336,6 @@ def check_args(args) -> None:
         raise SampleError(f"--upscale must be between 1 and 16, got {args.upscale}")
     if not 0 <= args.seed < 2**63:
         raise SampleError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
-    if args.backend == "onnx" and args.onnx_dir is None:
-        raise SampleError("--backend onnx needs --onnx-dir DIR, a folder written by "
-                          "python export_onnx.py --checkpoint DIR --out DIR")
     if args.backend == "onnx" and args.dtype != "fp32":
         raise SampleError("the exported ONNX graphs are fp32: use --dtype fp32 with --backend onnx")
     if args.candidates is None:
@@ -361,8 +362,6 @@ def check_args(args) -> None:
 def contrast_caption(args) -> str | None:
     """--contrast as the self-score uses it: 'none' = off (the default), 'mirror' = the prompt
     mirrored (shapes.contrast_for; off for a prompt without a relation), else a caption."""
-    import shapes
-
     choice = args.contrast.strip().lower()
     if choice == "none":
         return None
@@ -373,26 +372,13 @@ def contrast_caption(args) -> str | None:
     return clean_prompt(args.contrast)
 
 
-def judge_of(args, pipe, device):
-    """The judge --rerank self adds (judge.judge_for), or None: with one candidate, CLIP re-ranking,
-    --judge none, or --judge auto where the shipped judge does not read this model's codes."""
-    if args.candidates == 1 or args.rerank != "self":
-        return None
-    if args.backend == "onnx":
-        if args.judge == "auto":
-            return None
-        raise SampleError("--judge needs --backend torch (the ONNX graphs only sample); pass --judge none")
-    return judges.judge_for(pipe.info["vqgan_dir"], args.judge, device)
-
-
-def rerank_scores(args, pipe, clip, judge, tokens: torch.Tensor, images: list) -> np.ndarray | None:
+def rerank_scores(args, pipe, clip, tokens: torch.Tensor, images: list) -> np.ndarray | None:
     """One score per candidate (higher is better), or None with a single candidate."""
     if args.candidates == 1:
         return None
     if args.rerank == "clip":
         return np.asarray(clip(np.stack([np.asarray(im) for im in images]), args.prompt))
-    return pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast, judge=judge,
-                            judge_weight=args.judge_weight)
+    return pipe.self_scores(args.prompt, tokens, seed=args.seed, contrast=args.contrast)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="compute precision")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
                         help="run the model in PyTorch, or the graphs of export_onnx.py on ONNX Runtime")
-    parser.add_argument("--onnx-dir", type=Path, help="folder written by export_onnx.py (with --backend onnx)")
+    parser.add_argument("--onnx-dir", type=Path, default=ROOT / "exports" / "shapes-demo",
+                        help="folder written by export_onnx.py (with --backend onnx; the default is its default --out)")
     edit = parser.add_argument_group("editing (see the top of this file)")
     edit.add_argument("--init-image", type=Path, help="image to edit (resized to the model's canvas unless --place)")
     edit.add_argument("--mask", type=Path, help="inpainting mask: white = redraw, black = keep")
@@ -435,20 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"candidates drawn per image, in one batch; the best is kept (default: "
                            f"{DEFAULT_CANDIDATES} with --backend torch, 1 with onnx)")
     rank.add_argument("--rerank", default="self", choices=("self", "clip"),
-                      help="how candidates are scored: by the generator itself (Emage.self_score, beyond "
+                      help="how candidates are scored: by the generator itself (extensions.self_score, beyond "
                            "the paper) or by CLIP image-text similarity (the paper's)")
     rank.add_argument("--contrast", default="none",
                       help="with --rerank self: a caption the image must not match; candidates whose layout it "
                            "explains as well as the prompt score lower. 'mirror' = the prompt with its relation "
                            "mirrored (a shapes prompt with a relation); 'none' = off (the shipped demo gains "
-                           "nothing from it, see the README)")
-    rank.add_argument("--judge", default="none",
-                      help="with --rerank self: also add --judge-weight times the match logit of a judge "
-                           "(judge.py, beyond the paper; off by default, its gain was within noise, see the README): "
-                           "a folder written by `python judge.py train`, auto = the shipped shapes judge when it "
-                           "reads this model's VQGAN codes, or none")
-    rank.add_argument("--judge-weight", type=float, default=judges.WEIGHT,
-                      help="weight of the judge's logit against the self-score (the best of the README's sweep)")
+                           "nothing from it, see docs/results.md)")
     rank.add_argument("--clip", type=Path, default=ROOT / "checkpoints" / "shapes" / "clip",
                       help="whole CLIP checkpoint for --rerank clip (clip_image.load_reranker reads it)")
     return parser
@@ -456,28 +436,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import clip_image
-    import clip_text
-    import emage
-    import export_onnx
-    import shapes
-    import vqgan
+    user_errors = (SampleError, FileError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError, OSError)
+    if args.backend == "onnx":
+        import export_onnx  # only this backend needs onnxruntime
 
-    user_errors = (SampleError, judges.JudgeError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError,
-                   export_onnx.ExportError, OSError)
+        user_errors += (export_onnx.ExportError,)
     try:
         args.prompt = clean_prompt(args.prompt)
         check_args(args)
         args.contrast = contrast_caption(args)
         started = time.perf_counter()
         if args.backend == "onnx":  # tokens, noise and images on the host; the graphs where --device says
-            pipe = export_onnx.OnnxPipeline.load(args.onnx_dir, args.device)
+            pipe = Pipeline.load_onnx(args.onnx_dir, args.device)
             device = pipe.device
         else:
             device = pick_device(args.device)
             pipe = Pipeline.load(args.checkpoint, device)
-        clip = clip_image.load_reranker(args.clip, device=device) if args.candidates > 1 and args.rerank == "clip" else None
-        judge = judge_of(args, pipe, device)
+        clip = None
+        if args.candidates > 1 and args.rerank == "clip":
+            import clip_image  # the paper's re-ranker, off by default
+
+            clip = clip_image.load_reranker(args.clip, device=device)
         loaded = time.perf_counter()
         if pipe.knows_only_shapes:
             try:
@@ -498,7 +477,7 @@ def main(argv=None) -> int:
             result = pipe.generate(args.prompt, **options)
             tokens, history = result if args.show_steps else (result, None)
             images = pipe.decode(tokens)  # candidates of one image adjacent
-            scores = rerank_scores(args, pipe, clip, judge, tokens, images)  # (num_images * C,) or None
+            scores = rerank_scores(args, pipe, clip, tokens, images)  # (num_images * C,) or None
         rows = list(range(len(images)))
         if scores is not None:  # keep the best-scoring candidate of each image
             rows = [i * C + int(np.argmax(scores[i * C:(i + 1) * C])) for i in range(args.num_images)]
@@ -522,8 +501,6 @@ def main(argv=None) -> int:
             else:
                 if args.contrast is not None:
                     parameters.update(contrast=args.contrast)
-                if judge is not None:
-                    parameters.update(judge=str(judges.resolve(args.judge)), judge_weight=args.judge_weight)
         if args.init_image is not None:
             parameters.update(init_image=str(args.init_image), mask=args.mask and str(args.mask), region=args.region,
                               place=args.place, strength=args.strength)
