@@ -4,7 +4,7 @@ A tiny world of coloured circles, squares and triangles on black, small enough
 to train the whole pipeline on a CPU and exact enough that a program can say
 whether a generated image shows what its caption asks for. It plays the role
 that zero-shot MS-COCO FID plays in the paper (Section 4). The contract is
-`shared/SHAPES.md`; this file is its executable form:
+`SHAPES.md`; this file is its executable form:
 
     render(caption, seed)   -> 64x64 RGB PIL image
     parse(caption)          -> Caption (strict grammar, ShapesError otherwise)

@@ -1,4 +1,4 @@
-"""The shapes world follows its contract, shared/SHAPES.md."""
+"""The shapes world follows its contract, SHAPES.md."""
 import json
 import random
 from collections import deque
