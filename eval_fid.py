@@ -23,22 +23,26 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
+import clip_image
+import clip_text
+import extensions
+import files
+import shapes
+import vqgan
 from inception import INCEPTION_SHA256, INPUT_SIZE, FIDError, InceptionV3, load_inception, resize_bilinear_tf1
 
 
-PROJECT_MODULES = ("__main__", "eval_fid", "inception", "clip_text", "clip_image", "emage", "vqgan", "shapes", "judge",
-                   "data")
+PROJECT_MODULES = ("__main__", "eval_fid", "inception", "clip_text", "clip_image", "emage", "extensions", "vqgan",
+                   "shapes", "data", "files")
 
 
 # ---------------------------------------------------------------------------
@@ -123,16 +127,11 @@ class RunningStats:
 
 def save_stats(path, mu, sigma, n: int, sha256: str = "") -> None:
     """Write the statistics cache (.npz: mu, sigma, n, inception_sha256) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez(f, mu=mu, sigma=sigma, n=np.int64(n), inception_sha256=np.str_(sha256))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    files.atomic_write(path, write)
 
 
 def load_stats(path) -> dict:
@@ -167,12 +166,11 @@ def list_images(folder) -> list[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8."""
+    """(H, W, 3) uint8, read with files.open_image (bounded; an unreadable file is a FIDError)."""
     try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as error:
-        raise FIDError(f"cannot read image {path}: {error}") from None
+        return np.array(files.open_image(path))
+    except files.FileError as error:
+        raise FIDError(f"cannot read image: {error}") from None
 
 
 class _InceptionInputs(torch.utils.data.Dataset):
@@ -271,12 +269,9 @@ def read_captions(path, num: int, seed: int = 0) -> list[dict]:
 
 
 def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    """The largest centred square, resized to size x size with PIL's bicubic filter (antialiased)."""
-    h, w = rgb.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(rgb[top:top + side, left:left + side])
-    return np.array(square.resize((size, size), Image.BICUBIC))
+    """files.center_crop_resize on an (H, W, 3) uint8 array: the largest centred square, resized to
+    size x size with PIL's bicubic filter (antialiased)."""
+    return np.array(files.center_crop_resize(Image.fromarray(np.asarray(rgb)), size))
 
 
 def _read_cropped(path: Path, size: int) -> np.ndarray:
@@ -288,32 +283,15 @@ def _write_png(path: Path, rgb: np.ndarray, text: dict) -> None:
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_itxt(key, str(value))
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(rgb).save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=info))
 
 
 def _load_generator(checkpoint, device):
-    """(model, tokenizer, vqgan, info) from an Emage checkpoint directory."""
-    import clip_text
-    import emage
-    import vqgan
-
-    model, info = emage.load_checkpoint(checkpoint)
+    """(model, tokenizer, vqgan, info) from an Emage checkpoint directory (with its extensions)."""
+    model, info = extensions.load_checkpoint(checkpoint)
     tokenizer = clip_text.Tokenizer(info["tokenizer_path"])
     vq = vqgan.load_vqgan(info["vqgan_dir"])
     return model.to(device).eval(), tokenizer, vq.to(device).eval(), info
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -325,19 +303,15 @@ def generate_images(model, tokenizer, vq, captions: list[str], generator: torch.
 
 @torch.no_grad()
 def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.Generator,
-                    num_candidates: int = 1, score: bool = True, contrast: bool = False, judge=None,
-                    judge_weight: float | None = None, **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
-    """generate_images and each candidate's Emage.self_score (B * C,), or None with one candidate
-    (or score=False).
+                    num_candidates: int = 1, score: bool = True, contrast: bool = False,
+                    **generate_kw) -> tuple[np.ndarray, np.ndarray | None]:
+    """generate_images and each candidate's extensions.self_score (B * C,), or None with one
+    candidate (or score=False).
 
     With contrast=True a shapes caption with a relation is scored against its mirror
     (shapes.contrast_for), as sample.py --contrast mirror does; by default against nothing.
-    The score's random hide-sets (codes without colours) come from `generator` after the images. With a `judge`
-    (judge.judge_for), judge_weight (default judge.WEIGHT) times its logit is added.
+    The score's random hide-sets (codes without colours) come from `generator` after the images.
     """
-    import judge as judges
-    import shapes
-
     device = next(model.parameters()).device
     tokenize = lambda texts: tokenizer(texts, context_length=model.config.text.context_length).to(device)  # noqa: E731
     text = tokenize(captions)  # (B, L)
@@ -350,13 +324,10 @@ def generate_scored(model, tokenizer, vq, captions: list[str], generator: torch.
             against = tokenize([c or caption for c, caption in zip(contrasts, captions)])
             against = against.repeat_interleave(num_candidates, 0)  # (B * C, L)
         rows = text.repeat_interleave(num_candidates, 0)  # (B * C, L)
-        scores = model.self_score(rows, tokens, generator=generator, contrast_tokens=against).float().cpu()
-        if judge is not None:
-            weight = judges.WEIGHT if judge_weight is None else judge_weight
-            scores = scores + weight * judges.judge_scores(judge, [c for c in captions for _ in range(num_candidates)], tokens)
-        scores = scores.numpy()
+        scores = extensions.self_score(model, rows, tokens, generator=generator, contrast_tokens=against)
+        scores = scores.float().cpu().numpy()
     h, w = model.config.grid
-    return _to_uint8(vq.decode(tokens.view(-1, h, w))), scores
+    return files.to_uint8(vq.decode(tokens.view(-1, h, w))), scores
 
 
 Reranker = Callable[[np.ndarray, str], np.ndarray]  # (C, H, W, 3) uint8 candidates, caption -> (C,) scores
@@ -388,7 +359,7 @@ def generate_folder(checkpoint, items: list[dict], out_dir, *, candidates: int =
             raise FIDError(f"{out_dir} holds images of another caption list or settings (see its manifest.json): "
                            "choose a new --out folder, or rerun with the same arguments to resume")
     else:
-        _write_json(manifest_path, manifest)
+        files.write_json(manifest_path, manifest)
 
     width = max(5, len(str(len(items) - 1)))
     paths = [out_dir / f"{i:0{width}d}.png" for i in range(len(items))]
@@ -416,11 +387,6 @@ def generate_folder(checkpoint, items: list[dict], out_dir, *, candidates: int =
 
 def clip_reranker(path, device) -> Reranker:
     """The CLIP re-ranker of the paper's protocol, provided by `clip_image.load_reranker`."""
-    try:
-        import clip_image
-    except ImportError:
-        raise FIDError("--clip needs clip_image.py (CLIP's image tower), which this checkout does not have; "
-                       "use --candidates 1") from None
     return clip_image.load_reranker(path, device=device)
 
 
@@ -430,7 +396,7 @@ def clip_reranker(path, device) -> Reranker:
 
 def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 2, batch_size: int = 64,
                     device="cpu", save_dir=None, progress: bool = True, candidates: int = 1, contrast: bool = False,
-                    judge="none", judge_weight: float | None = None, first_seed: int = 0, **generate_kw) -> dict:
+                    first_seed: int = 0, **generate_kw) -> dict:
     """Fraction of (caption, seed) pairs whose generated image passes `shapes.score`, seen and novel apart.
 
     Returns shapes.accuracy_report(...) plus 'failures' (shapes.failure_report: per split, the
@@ -438,19 +404,14 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     [{'caption', 'seed', 'passed', 'failure', 'any_passed'}].
     Seed s (first_seed .. first_seed + seeds - 1) runs the captions in batches with a generator
     seeded by (s, batch index).
-    With `candidates` > 1 each pair keeps the best of its candidates by `Emage.self_score`,
-    as sample.py does (against the mirrored caption with contrast=True), plus the judge's
-    term (`judge`: "auto", "none" or a folder, as judge.judge_for reads it); 'any_passed' says
+    With `candidates` > 1 each pair keeps the best of its candidates by `extensions.self_score`,
+    as sample.py does (against the mirrored caption with contrast=True); 'any_passed' says
     whether any candidate would have passed.
     """
-    import judge as judges
-    import shapes
     from tqdm import tqdm
 
     captions = shapes.eval_captions() if captions is None else captions
     model, tokenizer, vq, info = _load_generator(checkpoint, device)
-    scorer = judges.judge_for(info["vqgan_dir"], judge, device) if candidates > 1 else None
-    judge_weight = judges.WEIGHT if judge_weight is None else judge_weight
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
     results = []
@@ -459,8 +420,7 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
         generator = torch.Generator(device=device).manual_seed(s * 1_000_003 + k // batch_size)
         batch = captions[k:k + batch_size]
         images, scores = generate_scored(model, tokenizer, vq, batch, generator, num_candidates=candidates,
-                                         contrast=contrast, judge=scorer, judge_weight=judge_weight,
-                                         **generate_kw)  # (B * C, H, W, 3), (B * C,)
+                                         contrast=contrast, **generate_kw)  # (B * C, H, W, 3), (B * C,)
         images = images.reshape(len(batch), candidates, *images.shape[1:])
         best = scores.reshape(len(batch), candidates).argmax(1).tolist() if candidates > 1 else [0] * len(batch)
         for j, (caption, group) in enumerate(zip(batch, images)):
@@ -477,8 +437,6 @@ def shapes_accuracy(checkpoint, captions: list[str] | None = None, seeds: int = 
     report["results"] = results
     report["settings"] = {"checkpoint": str(checkpoint), "variant": info.get("variant"), "step": info.get("step"),
                           "seeds": seeds, "first_seed": first_seed, "candidates": candidates, "contrast": contrast,
-                          "judge": None if scorer is None else str(judges.resolve(judge)),
-                          "judge_weight": None if scorer is None else judge_weight,
                           **{k: v for k, v in generate_kw.items() if v is not None}}
     return report
 
@@ -495,15 +453,6 @@ def _device(name: str | None) -> str:
     except (RuntimeError, ValueError) as error:
         raise FIDError(f"device {name!r} is not usable here ({str(error).splitlines()[0]}): try --device cpu") from None
     return name
-
-
-def _write_json(path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _inception(args, device) -> InceptionV3:
@@ -538,7 +487,7 @@ def cmd_fid(args) -> None:
     fid = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
     print(f"FID {fid:.4f}  ({args.a}: {a['n']} images, {args.b}: {b['n']} images)")
     if args.json:
-        _write_json(args.json, {"fid": fid, "a": str(args.a), "n_a": a["n"], "b": str(args.b), "n_b": b["n"],
+        files.write_json(args.json, {"fid": fid, "a": str(args.a), "n_a": a["n"], "b": str(args.b), "n_b": b["n"],
                                 "inception_sha256": model.sha256})
 
 
@@ -579,14 +528,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_shapes(args) -> None:
-    import shapes
-
     device = _device(args.device)
     captions = shapes.eval_captions()[:args.limit]
     report = shapes_accuracy(args.checkpoint, captions, seeds=args.seeds, first_seed=args.first_seed,
                              batch_size=args.batch_size,
                              device=device, save_dir=args.save, candidates=args.candidates, contrast=args.contrast,
-                             judge=args.judge, judge_weight=args.judge_weight,
                              steps=args.steps, algorithm=args.algorithm,
                              schedule=args.schedule, temperature=args.temperature,
                              guidance_scale=args.guidance_scale, choice_temperature=args.choice_temperature)
@@ -599,7 +545,7 @@ def cmd_shapes(args) -> None:
         print(f"  any of the {args.candidates} candidates passes: "
               + shapes.format_report({k: report["any_of_candidates"][k] for k in ("seen", "novel", "all")}))
     if args.json:
-        _write_json(args.json, report)
+        files.write_json(args.json, report)
 
 
 def _user_error(error: Exception) -> bool:
@@ -689,13 +635,9 @@ def main(argv=None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="the first seed S (fresh draws for a setting chosen on 0..N-1)")
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N evaluation captions")
     p.add_argument("--candidates", type=_positive, default=1,
-                   help="candidates per (caption, seed); the best by Emage.self_score is scored (sample.py's re-ranking)")
+                   help="candidates per (caption, seed); the best by extensions.self_score is scored (sample.py's re-ranking)")
     p.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=False,
                    help="score each candidate against the mirrored caption, as sample.py --contrast mirror does")
-    p.add_argument("--judge", default="none",
-                   help="a judge whose logit is added to the self-score, as sample.py --judge: none, auto (the "
-                        "shipped shapes judge when it reads this VQGAN's codes), or a folder written by judge.py train")
-    p.add_argument("--judge-weight", type=float, default=None, help="weight of the judge's logit (default: judge.WEIGHT)")
     p.add_argument("--json", type=Path, default=None, help="write the report (with per-image results) here")
     p.add_argument("--save", type=Path, default=None, help="also write the generated PNGs here")
     p.set_defaults(run=cmd_shapes)

@@ -18,7 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import judge as judges  # noqa: E402
 import sample  # noqa: E402
 import shapes  # noqa: E402
 from train import image_grid  # noqa: E402
@@ -42,10 +41,8 @@ EDIT_REGION = "32,0,64,64"
 
 def samples(pipe: sample.Pipeline, out: Path, seed: int) -> None:
     default = sample.build_parser().get_default  # what `python sample.py "prompt"` uses
-    judge = judges.judge_for(pipe.info["vqgan_dir"], default("judge"))
     images = [pipe.decode(pipe.best_of(p, sample.DEFAULT_CANDIDATES, seed=seed, guidance_scale=default("guidance"),
-                                       temperature=default("temperature"), judge=judge,
-                                       judge_weight=default("judge_weight")))[0] for p in PROMPTS]
+                                       temperature=default("temperature")))[0] for p in PROMPTS]
     verdicts = ["pass" if shapes.score(im, p) else "fail" for im, p in zip(images, PROMPTS)]
     image_grid(images, [f"{p} [{v}]" for p, v in zip(PROMPTS, verdicts)], scale=3, cols=5).save(out)
     print(f"wrote {out}: {verdicts.count('pass')} of {len(PROMPTS)} pass the scorer")

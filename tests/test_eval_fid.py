@@ -559,30 +559,6 @@ def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoi
     assert np.allclose(off, plain.numpy(), atol=1e-4)
 
 
-def test_generate_scored_adds_the_judge_logit(tiny_checkpoint, tmp_path):
-    """As sample.py: self-score + weight x the judge's logit of each candidate; recorded in the report."""
-    import clip_text
-    import judge
-
-    model, tokenizer, vq, info = eval_fid._load_generator(tiny_checkpoint, "cpu")
-    torch.manual_seed(2)
-    config = judge.JudgeConfig(codebook_size=vq.config.n_embed, colours=0, width=32, heads=2, layers=1)
-    judge.save_judge(judge.Judge(config), tmp_path / "j", clip_text.SHAPES_BPE_PATH, info["vqgan_dir"])
-    loaded = judge.judge_for(info["vqgan_dir"], tmp_path / "j")
-    captions = ["a red circle", "a blue square above a red circle"]
-    draw = lambda **kw: eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),  # noqa: E731
-                                                 num_candidates=3, steps=2, **kw)[1]
-    tokens = model.generate(tokenizer(captions, context_length=24), num_candidates=3, steps=2,
-                            generator=torch.Generator().manual_seed(1))
-    logits = judge.judge_scores(loaded, [c for c in captions for _ in range(3)], tokens).numpy()
-    assert np.allclose(draw(judge=loaded, judge_weight=5.0) - draw(), 5 * logits, atol=1e-4)
-    report = eval_fid.shapes_accuracy(tiny_checkpoint, captions, seeds=1, progress=False, candidates=3, steps=2,
-                                      judge=str(tmp_path / "j"), judge_weight=5.0)
-    assert report["settings"]["judge"] == str(tmp_path / "j") and report["settings"]["judge_weight"] == 5.0
-    assert eval_fid.shapes_accuracy(tiny_checkpoint, captions, seeds=1, progress=False, candidates=3, steps=2,
-                                    judge="auto")["settings"]["judge"] is None  # the shipped judge reads other codes
-
-
 def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_features):
     """`reference` draws the same images as `generate` and centre-crops each to --size before Inception."""
     captions = _coco_json(tmp_path / "captions_val2014.json", n_images=6)
@@ -606,10 +582,3 @@ def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_feature
     (images / chosen[0]["file_name"]).unlink()
     assert eval_fid.main(["reference", "--captions", str(captions), "--images", str(images), "--out", str(out),
                           "--num-captions", "4", "--inception", str(weights)]) == 1
-
-
-def test_shapes_with_a_missing_judge_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
-    code = eval_fid.main(["shapes", "--checkpoint", str(tiny_checkpoint), "--judge", str(tmp_path / "none"),
-                          "--candidates", "2", "--limit", "1"])
-    err = capsys.readouterr().err
-    assert code == 1 and "judge.py train" in err and err.count("\n") == 1

@@ -11,7 +11,6 @@ from PIL import Image
 import clip_image
 import clip_text
 import emage
-import judge
 import sample
 import vqgan
 
@@ -217,39 +216,6 @@ def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_pa
             assert np.array_equal(np.asarray(kept), np.asarray(candidates[i * C + int(scores[i].argmax())]))
             parameters = json.loads(kept.text["parameters"])
             assert parameters["rerank"] == "self" and parameters.get("contrast") == contrast
-
-
-def random_judge(vqgan_dir, out: Path) -> Path:
-    torch.manual_seed(1)
-    config = judge.JudgeConfig(codebook_size=64, colours=0, width=32, heads=2, layers=1)
-    judge.save_judge(judge.Judge(config), out, clip_text.SHAPES_BPE_PATH, vqgan_dir)
-    return out
-
-
-def test_judge_logit_is_added_to_the_self_score(tiny, pipe, tmp_path, capsys):
-    folder = random_judge(tiny / "vqgan", tmp_path / "judge")
-    out = tmp_path / "judged.png"
-    code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(out), "--steps", "3", "--seed", "4",
-                        "--upscale", "1", "--device", "cpu", "--judge", str(folder), "--judge-weight", "50"])
-    assert code == 0
-    C, defaults = sample.DEFAULT_CANDIDATES, sample.build_parser().get_default
-    tokens = pipe.generate(PROMPT, seed=4, num_images=C, steps=3, guidance_scale=defaults("guidance"),
-                           temperature=defaults("temperature"))
-    own = pipe.self_scores(PROMPT, tokens, seed=4)
-    logits = judge.judge_scores(judge.load_judge(folder), [PROMPT] * C, tokens).numpy()
-    assert np.argmax(own + 50 * logits) != np.argmax(own)  # at this weight the judge decides
-    with Image.open(out) as kept:
-        assert np.array_equal(np.asarray(kept), np.asarray(pipe.decode(tokens)[int(np.argmax(own + 50 * logits))]))
-        parameters = json.loads(kept.text["parameters"])
-    assert parameters["judge"] == str(folder) and parameters["judge_weight"] == 50
-
-
-def test_a_judge_of_another_vqgan_is_a_user_error(tiny, tmp_path, capsys):
-    folder = random_judge(judge.SHAPES_PATTERNS, tmp_path / "judge")
-    code = sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(tmp_path / "x.png"),
-                        "--judge", str(folder), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 1 and "another VQGAN" in err and err.count("\n") == 1
 
 
 def test_an_empty_contrast_is_a_user_error(tiny, tmp_path, capsys):
