@@ -1,19 +1,21 @@
 """Train an Emage generator: `python train.py --variant 3`, on one CPU or many GPUs.
 
-With no --data it trains on the shapes world (SHAPES.md): the first run tokenises a
-shapes set once with the committed shapes tokenizer into `data/shapes-tokens`, then reads
-it memory-mapped. By default its objects sit on the 8-px token grid at their exact sizes
-(--shapes-align 8 --no-shapes-jitter, see the README); --shapes-align 1 --shapes-jitter
-gives SHAPES.md's free placement. With --data DIR it reads token shards written by `python data.py prepare`.
+On a fresh clone `python train.py --variant 3` runs the shipped demo's recipe
+(recipes/shapes_demo.toml: two stages, about an hour on a 2-core CPU) into runs/shapes_demo/.
+A recipe is a file of flags, one table per stage; flags on the command line override it.
 
-    python train.py --variant 3                                       shapes world, CPU
-    python train.py --variant 3 --preset paper --data DIR --text-init CLIP
-    torchrun --nproc_per_node 8 train.py --preset paper --data DIR    DistributedDataParallel
-    python train.py --variant 3 --init CKPT --set mirror_loss=1.0     fine-tune a checkpoint
+    python train.py --variant 3                                         the demo's recipe (shapes world)
+    python train.py --recipe recipes/paper.toml --data DIR --text-init CLIP   Section 4's settings
+    torchrun --nproc_per_node 8 train.py --recipe recipes/paper.toml --data DIR   DistributedDataParallel
+    python train.py --recipe none --variant 1 --steps 2000 --out runs/v1   no recipe: flags and presets only
+    python train.py --list-fields                                       every --set field with its default
+
+With --data shapes (the default) it trains on the shapes world (SHAPES.md): the first run
+tokenises a shapes set once with the committed shapes tokenizer, then reads it
+memory-mapped. With --data DIR it reads token shards written by `python data.py prepare`.
 
 Training (Section 4 of the paper): AdamW (lr 4.5e-4, betas 0.9/0.96, weight decay 4.5e-2),
-batch 1024, gradient clipping 4.0, cosine learning rate with 2 % linear warm-up, FP32. The
-shapes preset keeps the recipe but picks its own batch, learning rate and steps (PRESETS).
+batch 1024, gradient clipping 4.0, cosine learning rate with 2 % linear warm-up, FP32.
 
 Every random number of a step is a function of (--seed, step, micro-batch): the batch is
 `data.batch_indices(step)`, and micro-batch j of it (j = accumulation index * world size +
@@ -21,12 +23,13 @@ rank) draws its masks from a torch.Generator seeded with (seed, step, j). So a r
 repeats an uninterrupted one exactly, and N processes with accumulation A compute the same
 update as one process with accumulation N * A.
 
-Output directory (--out):
+Run folder (--out), locked by train.lock while a training writes to it:
     step-0001000/          checkpoint: config.json + model.safetensors (emage.save_checkpoint),
                            the BPE vocabulary, train_state.pt (optimizer, step, RNG states)
     latest.json            {"step", "dir"} of the newest complete checkpoint; `latest` links to it
     metrics.jsonl          one JSON object per logged step and per evaluation
     samples/step-0001000.png   sample grid of the evaluation captions
+A folder that holds a run is continued with --resume and never started afresh over.
 """
 from __future__ import annotations
 
@@ -34,33 +37,37 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import fields, is_dataclass
+import tomllib
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 import data
 import emage
+import extensions
 import vqgan
-from clip_text import SHAPES_BPE_PATH, ClipTextError, Tokenizer
+from clip_text import ClipTextError, Tokenizer
+from files import to_uint8, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent
 SHAPES_VQGAN = ROOT / "checkpoints" / "shapes" / "patterns"  # the demo's colour-factored tokenizer
+SHAPES_BPE = ROOT / "checkpoints" / "shapes" / "bpe_shapes.txt.gz"
 SHAPES_TOKENS = ROOT / "data" / "shapes-tokens"
+DEFAULT_RECIPE = ROOT / "recipes" / "shapes_demo.toml"  # what `python train.py` runs on the shapes world
 
-# Per-preset training defaults (flags left unset take these). The paper's recipe is
-# Section 4. Shapes: sweeps of #3 on a shared 2-core CPU, 9,600 examples each, loss at the
-# end: lr 5e-4 / 1e-3 / 2e-3 at batch 32 -> 4.19 / 4.25 / 4.38; at the same examples,
-# batch 16 / 32 / 64 -> 4.16 / 4.19 / 4.33. A batch of 32 costs ~1.2-4 s on one core
-# (idle to busy machine), so 1,000 steps fit the ~40-minute demo budget.
+# Per-preset defaults for flags that neither the recipe nor the command line sets.
 PRESETS = {
     "paper": dict(batch_size=1024, lr=4.5e-4, steps=500_000, eval_every=5_000, log_every=50),
     "shapes": dict(batch_size=32, lr=5e-4, steps=1_000, eval_every=250, log_every=10),
@@ -100,63 +107,100 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def apply_overrides(config, overrides: list[str]):
-    """`--set layers=2 --set text.width=64`: replace dataclass fields, typed like the default."""
+# ----------------------------------------------------------------------------------------
+# The model: config fields (--set), a fresh model, a fine-tuned one (--init)
+# ----------------------------------------------------------------------------------------
+
+
+def config_fields(config: emage.EmageConfig, beyond: extensions.Beyond) -> list[tuple[str, object]]:
+    """(name, value) of every field --set accepts: EmageConfig's, text.*, and the extensions'."""
+    out = []
+    for obj, prefix in ((config, ""), (config.text, "text."), (beyond, "")):
+        out += [(prefix + f.name, getattr(obj, f.name)) for f in fields(obj) if f.name != "text"]
+    return out
+
+
+def _parse_field(key: str, value: str, current):
+    try:
+        if isinstance(current, bool):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("1", "true", "yes")
+        if isinstance(current, tuple):
+            return tuple(int(v) for v in value.split(","))
+        parsed = type(current)(value)
+    except ValueError:
+        raise TrainError(f"--set {key}={value}: expected {type(current).__name__} like {current!r}") from None
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise TrainError(f"--set {key}={value}: must be a finite number")
+    return parsed
+
+
+def apply_overrides(config: emage.EmageConfig, beyond: extensions.Beyond, overrides: list[str]):
+    """`--set layers=2 --set text.width=64 --set object_mask=0.3`: replace fields, typed like the default."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise TrainError(f"--set {item!r} is not key=value (for example --set layers=2)")
-        target, *path = key.split(".")
-        obj, name = config, target
-        for part in path:
-            obj, name = getattr(obj, name), part
-        if not is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
-            raise TrainError(f"--set {key}: no such config field; see EmageConfig in emage.py")
-        current = getattr(obj, name)
-        try:
-            if isinstance(current, bool):
-                parsed = value.lower() in ("1", "true", "yes")
-            elif isinstance(current, tuple):
-                parsed = tuple(int(v) for v in value.split(","))
-            else:
-                parsed = type(current)(value)
-        except ValueError:
-            raise TrainError(f"--set {key}={value}: expected {type(current).__name__} like {current!r}") from None
-        setattr(obj, name, parsed)
-    return config
+        name = key.removeprefix("text.")
+        obj = config.text if key.startswith("text.") else beyond if name in {f.name for f in fields(beyond)} else config
+        if not is_dataclass(obj) or name not in {f.name for f in fields(obj)} or name == "text":
+            raise TrainError(f"--set {key}: no such field; `python train.py --list-fields` lists them")
+        setattr(obj, name, _parse_field(key, value, getattr(obj, name)))
+    return config, beyond
 
 
-# ----------------------------------------------------------------------------------------
-# Distributed set-up
-# ----------------------------------------------------------------------------------------
+def vqgan_colours(vqgan_dir) -> int:
+    """Palette size of a colour-factored VQGAN (quantizer "pattern"), else 0: Beyond.colours."""
+    path = Path(vqgan_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
+    except (ValueError, AttributeError):
+        raise TrainError(f"{path} is not a VQGAN config; pass another --vqgan") from None
+    return len(config.get("palette", ())) if config.get("quantizer") == "pattern" else 0
 
 
-def setup_distributed(device_arg: str | None):
-    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
-    if device_arg not in (None, "cpu", "cuda"):
-        raise TrainError(f"--device {device_arg}: use cpu or cuda")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
+def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
+    """A fresh model for the data: the preset, the data's grid and codes, --text-init, --set."""
+    config = emage.EmageConfig.paper() if args.preset == "paper" else emage.EmageConfig.shapes()
+    config.codebook_size, config.grid = shards.codebook_size, tuple(shards.grid)  # the VQGAN of the data decides
+    beyond = extensions.Beyond(colours=vqgan_colours(vqgan_dir) if vqgan_dir is not None else 0)
+    text_encoder = None
+    if args.text_init:
+        import clip_text  # only for pretrained text towers
+
+        text_encoder = clip_text.load_clip_text(args.text_init)
+        config.text = text_encoder.config
+    config.text.vocab_size = tokenizer.vocab_size
+    loaded = repr(config.text)
+    apply_overrides(config, beyond, args.set)
+    if text_encoder is not None and repr(config.text) != loaded:
+        raise TrainError(f"--set changes the text tower that --text-init loads ({loaded}) into {config.text}; "
+                         "leave text.* alone with --text-init")
+    if text_encoder is not None and text_encoder.config.vocab_size != tokenizer.vocab_size:
+        raise TrainError(f"--text-init has a vocabulary of {text_encoder.config.vocab_size} ids but --bpe gives "
+                         f"{tokenizer.vocab_size}; use the BPE file of that CLIP model")
+    model = extensions.build(config, beyond, variant=args.variant)
+    if text_encoder is not None:
+        model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
+    return model
 
 
-class LossModule(nn.Module):
-    """DistributedDataParallel synchronises gradients through forward(); Emage trains through
-    .loss(), so this forwards one to the other."""
-
-    def __init__(self, model: emage.Emage):
-        super().__init__()
-        self.model = model
-
-    def forward(self, text_tokens, image_tokens, variant, generator, contrast_tokens=None):
-        return self.model.loss(text_tokens, image_tokens, variant, generator=generator, contrast_tokens=contrast_tokens)
+def init_model(args) -> tuple[emage.Emage, Tokenizer]:
+    """--init CHECKPOINT: its weights, config (with --set applied on top) and vocabulary; the
+    optimizer, schedule and step start afresh (fine-tuning, unlike --resume)."""
+    source, info = extensions.load_checkpoint(args.init)
+    if info["variant"] != args.variant:
+        raise TrainError(f"--init {args.init} was trained as variant {info['variant']}, not --variant {args.variant}")
+    beyond = extensions.Beyond(**source.beyond.to_dict()) if source.beyond is not None else extensions.Beyond()
+    config, beyond = apply_overrides(emage.EmageConfig.from_dict(source.config.to_dict()), beyond, args.set)
+    model = extensions.build(config, beyond, variant=args.variant)
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError:
+        raise TrainError(f"--set changes the shape of {args.init}'s weights; with --init, set only training "
+                         "fields (object_mask, caption_dropout, mirror_loss, ...)") from None
+    return model, Tokenizer(info["tokenizer_path"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,11 +214,9 @@ def shapes_tokens(args, rank: int, world: int) -> Path:
     source = data.ShapesSource(args.shapes_examples, seed=args.shapes_seed, align=args.shapes_align, jitter=args.shapes_jitter)
     vqgan_dir = args.vqgan or SHAPES_VQGAN
     if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-        if meta.get("vqgan_fingerprint") != data.vqgan_fingerprint(vqgan_dir):
-            raise TrainError(f"{out} was tokenised with another VQGAN; delete it (or pass --shapes-cache NEW_DIR) to rebuild")
+        meta = data.TokenShards(out).meta
         if meta.get("source") != source.description:
-            raise TrainError(f"{out} holds {meta.get('source')}, not {source.description}; delete it, pass "
+            raise TrainError(f"{out} holds {meta.get('source')}, not {source.description}; pass "
                              f"--shapes-cache NEW_DIR, or match --shapes-examples/--shapes-seed")
         return out
     if rank == 0:
@@ -185,25 +227,71 @@ def shapes_tokens(args, rank: int, world: int) -> Path:
     return out
 
 
-def contrast_tokens(tokenizer, captions: list[str], config: emage.EmageConfig) -> torch.Tensor | None:
-    """The captions' mirrors for EmageConfig.mirror_loss, tokenised (None when it is off).
-    A caption with no mirror (one object, or outside the shapes grammar) is its own
-    contrast, which the loss skips."""
-    if not config.mirror_loss:
-        return None
-    import shapes
-
-    mirrors = [shapes.contrast_for(caption) or caption for caption in captions]
-    return tokenizer(mirrors, context_length=config.text.context_length)
+def check_vqgan(shards, vqgan_dir: Path, data_dir: Path) -> None:
+    """The VQGAN a checkpoint will decode with must be the one that tokenised the shards."""
+    recorded = shards.meta.get("vqgan_fingerprint")
+    if recorded and vqgan_dir.exists() and data.vqgan_fingerprint(vqgan_dir) != recorded:
+        raise TrainError(f"--vqgan {vqgan_dir} is not the VQGAN that tokenised {data_dir} ({shards.meta.get('vqgan')}); "
+                         "pass that one, or prepare the data again with this one")
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints
+# The run folder: lock, checkpoints, resume, metrics
 # ----------------------------------------------------------------------------------------
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether `out` holds (part of) a training run: a checkpoint, its record or its metrics."""
+    if not out.is_dir():
+        return False
+    return (out / "latest.json").exists() or (out / "metrics.jsonl").exists() or any(out.glob("step-*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(out: Path, enabled: bool = True):
+    """Hold out/train.lock while training writes to `out`; a second writer is refused with the
+    holder's name. A lock whose process is gone (killed) is taken over."""
+    if not enabled:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "train.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = None, None, None  # torn by a kill mid-write: stale
+            if holder is not None and (host != me["host"] or _alive(pid)):
+                raise TrainError(f"{out} is being written by process {pid} on {host} since {holder.get('since')}; "
+                                 "wait for it, or pass another --out") from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def save(out: Path, model: emage.Emage, optimizer, step: int, args, tokenizer_path, vqgan_dir, rng_states, keep: int) -> Path:
@@ -215,16 +303,16 @@ def save(out: Path, model: emage.Emage, optimizer, step: int, args, tokenizer_pa
     final = out / checkpoint_name(step)
     tmp = out / f".{final.name}.tmp"
     if tmp.exists():
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp)  # our own half-written save from a killed run
     emage.save_checkpoint(model, tmp, variant=args.variant, step=step, tokenizer_path=tokenizer_path,
                           vqgan_dir=vqgan_dir, extra={"train_args": vars(args)})
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states,
              "schedule": {"steps": args.steps, "lr": args.lr, "warmup": args.warmup}, "seed": args.seed}
     torch.save(state, tmp / "train_state.pt")
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(final)  # this run's own checkpoint of the same step (a resumed run saves it again)
     os.replace(tmp, final)
-    data._write_json(out / "latest.json", {"step": step, "dir": final.name})
+    write_json(out / "latest.json", {"step": step, "dir": final.name})
     link = out / ".latest.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -245,29 +333,69 @@ def find_resume(out: Path, resume: str) -> Path:
     record = out / "latest.json"
     if not record.is_file():
         raise TrainError(f"--resume: {out} has no latest.json; pass the checkpoint directory, e.g. --resume {out}/step-0001000")
-    return out / json.loads(record.read_text())["dir"]
+    try:
+        latest = json.loads(record.read_text())
+        name = latest["dir"]
+        valid = isinstance(name, str) and re.fullmatch(r"step-\d{7,}", name) and isinstance(latest["step"], int)
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        newest = sorted(p.name for p in out.glob("step-*") if (p / "train_state.pt").is_file())
+        raise TrainError(f"{record} is damaged; pass a checkpoint directory, e.g. --resume {out / (newest or ['step-0001000'])[-1]}")
+    return out / name
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past `step` (written after the checkpoint a run resumes from)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        data._atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
+def read_train_state(resume_dir: Path, world: int) -> dict:
+    """train_state.pt, weights-only, with every field checked before it is used."""
+    path = resume_dir / "train_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, or a pickle holding more than tensors: all fail differently
+        raise TrainError(f"{path} cannot be read as a weights-only file ({type(e).__name__}); "
+                         "resume from another checkpoint") from None
+    ok = (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("optimizer"), dict)
+          and isinstance(state.get("rng"), list) and isinstance(state.get("schedule"), dict)
+          and isinstance(state["schedule"].get("steps"), int))
+    if not ok:
+        raise TrainError(f"{path} lacks step, optimizer, rng or schedule; resume from another checkpoint")
+    return state
+
+
+class MetricsLog:
+    """metrics.jsonl, written by rank 0: truncated to the resumed step (a torn last line from a
+    kill mid-write is dropped), then appended to and flushed record by record."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.file = None
+        if not enabled:
+            return
+        if resume_step is not None and path.is_file():
+            write_text(path, "".join(line + "\n" for line in self._kept(path, resume_step)))
+        self.file = open(path, "a")
+
+    @staticmethod
+    def _kept(path: Path, step: int):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+                yield line
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------
 # Evaluation: sample grid and shapes accuracy
 # ----------------------------------------------------------------------------------------
-
-
-def tokens_to_images(vq, tokens: torch.Tensor, grid) -> list:
-    """Codes [B, n] -> list of PIL images (VQGAN decoder output [-1, 1] -> uint8)."""
-    from PIL import Image
-
-    with torch.no_grad():
-        x = vq.decode(tokens.view(-1, *grid))  # (B, 3, H, W) in [-1, 1]
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-    return [Image.fromarray(a) for a in x]
 
 
 def image_grid(images, captions, scale: int = 2, cols: int = 4):
@@ -292,15 +420,20 @@ def image_grid(images, captions, scale: int = 2, cols: int = 4):
 def evaluate(model, vq, tokenizer, captions, context_length, grid, device, seed, shapes_world: bool):
     """Generate one image per caption (the variant's own algorithm, 16 rounds); score them
     against SHAPES.md when training on the shapes world. Returns (metrics, images)."""
+    from PIL import Image
+
     was_training = model.training
     model.eval()
-    text = tokenizer(captions, context_length=context_length).to(device)
+    tokens = []
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = model.generate(text, steps=16, generator=generator)  # (B, n)
+    for start in tqdm(range(0, len(captions), 16), desc="evaluating", unit="batch", leave=False):
+        text = tokenizer(captions[start:start + 16], context_length=context_length).to(device)
+        tokens.append(model.generate(text, steps=16, generator=generator))  # (b, n)
     model.train(was_training)
-    images = tokens_to_images(vq, tokens, grid) if vq is not None else []
+    with torch.no_grad():
+        images = [Image.fromarray(a) for a in to_uint8(vq.decode(torch.cat(tokens).view(-1, *grid)))]
     metrics = {}
-    if shapes_world and images:
+    if shapes_world:
         import shapes
 
         report = shapes.accuracy_report([(c, shapes.score(im, c)) for c, im in zip(captions, images)])
@@ -309,53 +442,282 @@ def evaluate(model, vq, tokenizer, captions, context_length, grid, device, seed,
 
 
 # ----------------------------------------------------------------------------------------
-# The training loop
+# Distributed training, signals
 # ----------------------------------------------------------------------------------------
 
 
-def vqgan_colours(vqgan_dir) -> int:
-    """Palette size of a colour-factored VQGAN (quantizer "pattern"), else 0: EmageConfig.colours."""
-    path = Path(vqgan_dir) / "config.json"
-    config = json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
-    return len(config.get("palette", ())) if config.get("quantizer") == "pattern" else 0
-
-
-def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
-    config = emage.EmageConfig.paper() if args.preset == "paper" else emage.EmageConfig.shapes()
-    config.codebook_size = shards.codebook_size  # the VQGAN of the data decides these
-    config.grid = tuple(shards.grid)
-    config.colours = vqgan_colours(vqgan_dir) if vqgan_dir is not None else 0
-    text_encoder = None
-    if args.text_init:
-        import clip_text
-
-        text_encoder = clip_text.load_clip_text(args.text_init)
-        config.text = text_encoder.config
-    config.text.vocab_size = tokenizer.vocab_size
-    apply_overrides(config, args.set)
-    if text_encoder is not None and text_encoder.config.vocab_size != tokenizer.vocab_size:
-        raise TrainError(f"--text-init has a vocabulary of {text_encoder.config.vocab_size} ids but --bpe gives "
-                         f"{tokenizer.vocab_size}; use the BPE file of that CLIP model")
-    model = emage.Emage(config, variant=args.variant)
-    if text_encoder is not None:
-        model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
-    return model
-
-
-def init_model(args) -> tuple[emage.Emage, Tokenizer]:
-    """--init CHECKPOINT: its weights, config (with --set applied on top) and vocabulary; the
-    optimizer, schedule and step start afresh (fine-tuning, unlike --resume)."""
-    source, info = emage.load_checkpoint(args.init)
-    if info["variant"] != args.variant:
-        raise TrainError(f"--init {args.init} was trained as variant {info['variant']}, not --variant {args.variant}")
-    config = apply_overrides(emage.EmageConfig.from_dict(source.config.to_dict()), args.set)
-    model = emage.Emage(config, variant=args.variant)
+def setup_distributed(device_arg: str | None):
+    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL, gloo on CPUs."""
     try:
-        model.load_state_dict(source.state_dict(), strict=True)
-    except RuntimeError:
-        raise TrainError(f"--set changes the shape of {args.init}'s weights; with --init, set only training "
-                         "fields (object_mask, caption_dropout, mirror_loss, ...)") from None
-    return model, Tokenizer(info["tokenizer_path"])
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise TrainError("WORLD_SIZE, RANK or LOCAL_RANK is not a number; unset them, or start with torchrun") from None
+    if world > 1 and not all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT")):
+        raise TrainError(f"WORLD_SIZE={world} is set but MASTER_ADDR/MASTER_PORT are not: start with torchrun, "
+                         "or unset WORLD_SIZE and RANK")
+    if not (world >= 1 and 0 <= rank < world):
+        raise TrainError(f"RANK={rank} does not fit WORLD_SIZE={world}; start with torchrun")
+    cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+class LossModule(nn.Module):
+    """DistributedDataParallel synchronises gradients through forward(); Emage trains through
+    .loss(), so this forwards one to the other."""
+
+    def __init__(self, model: emage.Emage):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_tokens, image_tokens, variant, generator, extra):
+        return self.model.loss(text_tokens, image_tokens, variant, generator=generator, **extra)
+
+
+def gather_rng(device, world: int) -> list[dict]:
+    """Every rank's RNG states (all ranks take part), saved so that a resume repeats the run."""
+    local = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [local]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, local)
+    return everyone
+
+
+@contextmanager
+def stop_on_signals():
+    """Ctrl-C / SIGTERM ask the loop to finish its step, save and exit; a second Ctrl-C stops at once."""
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------
+# One run: everything the loop needs, then the loop
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    shards: data.TokenShards
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    vqgan_dir: Path
+    model: emage.Emage
+    optimizer: torch.optim.Optimizer
+    step_module: nn.Module
+    start_step: int
+    resume_dir: Path | None
+    per_micro: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint(self, step: int) -> Path | None:
+        states = gather_rng(self.device, self.world)  # every rank takes part
+        if not self.is_main:
+            return None
+        return save(self.out, self.model, self.optimizer, step, self.args, self.tokenizer_path, self.vqgan_dir,
+                    states, self.args.keep)
+
+
+def prepare(args, rank: int, world: int, device: torch.device) -> Run:
+    """Data, tokenizer, model (fresh, --init or --resume), optimizer and RNG states."""
+    per_micro, rest = divmod(args.batch_size, world * args.grad_accum)
+    if rest or per_micro == 0:
+        raise TrainError(f"--batch-size {args.batch_size} must be a multiple of world size x --grad-accum "
+                         f"({world} x {args.grad_accum})")
+    out = Path(args.out)
+    data_dir = shapes_tokens(args, rank, world) if args.data == "shapes" else Path(args.data)
+    shards = data.TokenShards(data_dir)
+    vqgan_dir = Path(args.vqgan or shards.meta["vqgan"])
+    check_vqgan(shards, vqgan_dir, data_dir)
+    tokenizer = Tokenizer(Path(args.bpe) if args.bpe else (SHAPES_BPE if args.preset == "shapes" else None))
+    tokenizer_path = tokenizer.path
+
+    torch.manual_seed(args.seed)
+    start_step, resume_dir, state = 0, None, None
+    if args.resume:
+        resume_dir = find_resume(out, args.resume)
+        state = read_train_state(resume_dir, world)
+        model, info = extensions.load_checkpoint(resume_dir)
+        if info["variant"] != args.variant:
+            raise TrainError(f"{resume_dir} was trained as variant {info['variant']}, not --variant {args.variant}")
+        start_step = info["step"]
+        tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with
+        tokenizer_path = out / tokenizer.path.name  # a copy in the run folder outlives pruned checkpoints
+        if rank == 0 and tokenizer.path.resolve() != tokenizer_path.resolve():
+            shutil.copyfile(tokenizer.path, tokenizer_path)
+    elif args.init:
+        model, tokenizer = init_model(args)
+        tokenizer_path = tokenizer.path
+    else:
+        model = build_model(args, tokenizer, shards, vqgan_dir)
+    if model.beyond is not None and model.beyond.mirror_loss and args.variant != 3:
+        raise TrainError("--set mirror_loss works on variant 3's second pass; train --variant 3 or leave it at 0")
+    if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
+        raise TrainError(f"the model expects {model.config.codebook_size} codes on a {model.config.grid} grid but "
+                         f"{data_dir} holds {shards.codebook_size} codes on {shards.grid}")
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=1e-8)
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError):
+            raise TrainError(f"{resume_dir / 'train_state.pt'} holds an optimizer for another model") from None
+        if state["schedule"]["steps"] != args.steps and rank == 0:
+            print(f"note: --steps {args.steps} differs from the resumed run's {state['schedule']['steps']}; "
+                  f"the learning-rate schedule changes from here", file=sys.stderr)
+    if state is not None and len(state["rng"]) == world:
+        torch.set_rng_state(state["rng"][rank]["cpu"])
+        if device.type == "cuda" and state["rng"][rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+    else:
+        torch.manual_seed(args.seed + 1 + rank)
+    step_module = LossModule(model)
+    if world > 1:  # parameters the loss never reaches (CLIP's pooled projection) get no gradient
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return Run(args, rank, world, device, out, shards, tokenizer, tokenizer_path, vqgan_dir, model, optimizer,
+               step_module, start_step, resume_dir, per_micro)
+
+
+def accumulate_gradients(run: Run, step: int, stop_asked: bool) -> tuple[float, float, bool]:
+    """Forward and backward over this process's micro-batches, clip, and agree across ranks on
+    (mean loss, gradient norm, whether to stop) in one all-reduce."""
+    args, model, device = run.args, run.model, run.device
+    indices = data.batch_indices(step, args.batch_size, len(run.shards), args.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    loss_sum = torch.zeros((), device=device)
+    for a in range(args.grad_accum):
+        j = a * run.world + run.rank  # micro-batch index within the global batch
+        captions, image_tokens = run.shards.batch(indices[j * run.per_micro:(j + 1) * run.per_micro])
+        text_tokens = run.tokenizer(captions, context_length=model.config.text.context_length)
+        extra = {} if model.beyond is None else model.beyond.batch_inputs(captions, run.tokenizer, model.config.text.context_length)
+        generator = torch.Generator(device=device).manual_seed(micro_seed(args.seed, step, j))
+        sync = run.world == 1 or a == args.grad_accum - 1
+        with (nullcontext() if sync else run.step_module.no_sync()), autocast:
+            loss = run.step_module(text_tokens.to(device), image_tokens.to(device), args.variant, generator,
+                                   {k: v.to(device) for k, v in extra.items()})
+        (loss / args.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    flags = torch.stack([loss_sum / args.grad_accum, grad_norm.float().to(device), torch.tensor(float(stop_asked), device=device)])
+    flags = torch.nan_to_num(flags, nan=float("inf"))
+    if run.world > 1:
+        dist.all_reduce(flags)
+        flags[:2] /= run.world  # mean loss; the norm of the (already averaged) gradient is the same on every rank
+    mean_loss, norm, stop = flags.tolist()
+    return mean_loss, norm, bool(stop)
+
+
+def training_loop(run: Run, later_steps: int = 0) -> int:
+    """Algorithm 2's outer loop (and every variant's): steps until --steps, logging, saving,
+    evaluating, stopping cleanly on a signal and loudly on a non-finite loss."""
+    args, model = run.args, run.model
+    log = MetricsLog(run.out / "metrics.jsonl", run.start_step if run.resume_dir else None, run.is_main)
+    evaluator = Evaluator(run) if run.is_main else None
+    step, last_good, window = run.start_step, run.resume_dir, []
+    bar = tqdm(total=args.steps, initial=step, disable=not run.is_main, dynamic_ncols=True, unit="step")
+    try:
+        with stop_on_signals() as stop:
+            while step < args.steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, args.steps, args.lr, args.warmup)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, norm, stop_asked = accumulate_gradients(run, step, stop["signal"] is not None)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                    raise TrainError(f"the loss or gradient norm became non-finite at step {step + 1} (loss {loss}, "
+                                     f"grad norm {norm}); stopped without saving, {where}. Try a lower --lr, "
+                                     "--dtype fp32, or --resume from that checkpoint")
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window.append((loss, time.perf_counter() - t0))
+                bar.update(1)
+                seconds = sum(t for _, t in window) / len(window)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False,
+                                **({"recipe_eta": f"{(args.steps - step + later_steps) * seconds / 60:.0f} min"} if later_steps else {}))
+                if step % args.log_every == 0 or step == args.steps:
+                    tokens = args.batch_size * model.config.n * len(window)
+                    log.write({"step": step, "loss": sum(v for v, _ in window) / len(window), "lr": lr, "grad_norm": norm,
+                               "tokens_per_s": tokens / sum(t for _, t in window),
+                               "steps_per_s": len(window) / sum(t for _, t in window), "time": time.time()})
+                    window = []
+                if stop_asked:
+                    last_good = run.checkpoint(step)
+                    if run.is_main:
+                        bar.write(f"stopped by signal at step {step}; checkpoint {last_good} (continue with --resume)",
+                                  file=sys.stderr)
+                    return 0
+                if step % args.save_every == 0 or step == args.steps:
+                    last_good = run.checkpoint(step) or last_good
+                if (step % args.eval_every == 0 or step == args.steps) and evaluator is not None:
+                    metrics = evaluator(step)
+                    if metrics:
+                        log.write({"step": step, **metrics})
+                        bar.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    finally:
+        bar.close()
+        log.close()
+    if run.is_main:
+        print(f"done: {step} steps; checkpoint {run.out / checkpoint_name(step)}", file=sys.stderr)
+    return 0
+
+
+class Evaluator:
+    """Sample grids (and shapes accuracy) of fixed captions, on rank 0."""
+
+    def __init__(self, run: Run):
+        self.run, self.vq = run, None
+        self.shapes_world = run.shards.meta["source"].startswith("shapes(")  # scored against SHAPES.md
+        if run.vqgan_dir.exists():
+            self.vq = vqgan.load_vqgan(run.vqgan_dir).to(run.device).eval()
+        else:
+            print(f"note: VQGAN {run.vqgan_dir} not found; no sample grids", file=sys.stderr)
+        count = run.args.eval_captions
+        if self.shapes_world:
+            import shapes
+
+            every = shapes.eval_captions()
+            self.captions = every[:: max(1, len(every) // count)][:count]
+        else:
+            self.captions = [run.shards.caption(i) for i in range(min(count, len(run.shards)))]
+        (run.out / "samples").mkdir(exist_ok=True)
+
+    def __call__(self, step: int) -> dict | None:
+        run = self.run
+        if self.vq is None or not self.captions:
+            return None
+        metrics, images = evaluate(run.model, self.vq, run.tokenizer, self.captions, run.model.config.text.context_length,
+                                   run.model.config.grid, run.device, run.args.seed, self.shapes_world)
+        path = run.out / "samples" / f"{checkpoint_name(step)}.png"
+        image_grid(images, self.captions).save(path)
+        return metrics
 
 
 def resolve_args(args) -> None:
@@ -366,242 +728,126 @@ def resolve_args(args) -> None:
     args.variant = emage.parse_variant(args.variant)
     if args.out is None:
         args.out = str(ROOT / "runs" / f"{args.preset}-v{args.variant}")
-    if args.steps <= 0 or args.batch_size <= 0 or args.grad_accum <= 0:
-        raise TrainError("--steps, --batch-size and --grad-accum must be positive")
-    if args.init and args.resume:
-        raise TrainError("--init starts a new run from a checkpoint's weights and --resume continues a run: pass one")
     if args.save_every is None:
         args.save_every = args.eval_every
-    if min(args.save_every, args.eval_every, args.log_every, args.keep) <= 0:
-        raise TrainError("--save-every, --eval-every, --log-every and --keep must be positive")
-    if not (args.lr > 0 and 0 <= args.warmup <= 1):  # nan fails both
-        raise TrainError(f"--lr must be positive and --warmup a fraction in [0, 1], got {args.lr} and {args.warmup}")
+    positive = ("steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every", "keep", "eval_captions",
+                "shapes_examples", "shapes_align")
+    for name in positive:
+        value = getattr(args, name)
+        if not 0 < value <= 10**9:
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive whole number up to 10**9, got {value}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise TrainError(f"--threads must be between 1 and 1024, got {args.threads}")
+    if args.init and args.resume:
+        raise TrainError("--init starts a new run from a checkpoint's weights and --resume continues a run: pass one")
+    if not (0 < args.lr < math.inf and 0 <= args.warmup <= 1):  # nan fails both
+        raise TrainError(f"--lr must be positive and finite and --warmup a fraction in [0, 1], got {args.lr} and {args.warmup}")
+    if not (0 <= args.weight_decay < 1 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1 and 0 < args.grad_clip < math.inf):
+        raise TrainError("--weight-decay, --beta1 and --beta2 must be in [0, 1) and --grad-clip positive and finite")
+    if not 0 <= args.seed < 2**63:
+        raise TrainError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if not args.resume and holds_a_run(Path(args.out)):
+        raise TrainError(f"--out {args.out} holds an earlier run; continue it with --resume, or pass another --out")
 
 
-def train(args) -> int:
+def train(args, later_steps: int = 0) -> int:
     resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
     try:
-        return _train(args, rank, world, device)
+        with run_lock(Path(args.out), enabled=rank == 0):
+            return training_loop(prepare(args, rank, world, device), later_steps)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, rank: int, world: int, device: torch.device) -> int:
-    per_micro, rest = divmod(args.batch_size, world * args.grad_accum)
-    if rest or per_micro == 0:
-        raise TrainError(f"--batch-size {args.batch_size} must be a multiple of world size x --grad-accum "
-                         f"({world} x {args.grad_accum})")
-    out = Path(args.out)
-    is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------------------
+# Recipes: files of flags, one table per stage
+# ----------------------------------------------------------------------------------------
 
-    # Data: token shards (tokenising the shapes world on first use).
-    data_dir = shapes_tokens(args, rank, world) if args.data == "shapes" else Path(args.data)
-    shards = data.TokenShards(data_dir)
-    shapes_world = shards.meta["source"].startswith("shapes(")  # scored against SHAPES.md at evaluation
-    vqgan_dir = Path(args.vqgan or shards.meta["vqgan"])
-    tokenizer_path = Path(args.bpe) if args.bpe else (SHAPES_BPE_PATH if args.preset == "shapes" else None)
-    tokenizer = Tokenizer(tokenizer_path)
-    tokenizer_path = tokenizer.path
 
-    # Model and optimiser (fresh, or from a checkpoint).
-    torch.manual_seed(args.seed)
-    start_step, resume_dir = 0, None
-    if args.resume:
-        resume_dir = find_resume(out, args.resume)
-        model, info = emage.load_checkpoint(resume_dir)
-        if info["variant"] != args.variant:
-            raise TrainError(f"{resume_dir} was trained as variant {info['variant']}, not --variant {args.variant}")
-        start_step = info["step"]
-        tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with (copied into each checkpoint)
-        # Keep a copy in the run folder: the checkpoint it came from is deleted once --keep newer ones exist.
-        tokenizer_path = out / tokenizer.path.name
-        if rank == 0:
-            shutil.copyfile(tokenizer.path, tokenizer_path)
-    elif args.init:
-        model, tokenizer = init_model(args)
-        tokenizer_path = tokenizer.path
-    else:
-        model = build_model(args, tokenizer, shards, vqgan_dir)
-    if model.config.mirror_loss and args.variant != 3:
-        raise TrainError("--set mirror_loss works on variant 3's second pass; train --variant 3 or leave it at 0")
-    if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
-        raise TrainError(f"the model expects {model.config.codebook_size} codes on a {model.config.grid} grid but "
-                         f"{data_dir} holds {shards.codebook_size} codes on {shards.grid}")
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=(args.beta1, args.beta2), eps=1e-8)
-    rng_states = None
-    if resume_dir is not None:
-        try:
-            state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=True)
-        except Exception as e:  # missing, truncated, or a pickle holding more than tensors: all fail differently
-            raise TrainError(f"{resume_dir / 'train_state.pt'} cannot be read as a weights-only file ({type(e).__name__}); "
-                             "resume from another checkpoint") from None
-        optimizer.load_state_dict(state["optimizer"])
-        rng_states = state["rng"]
-        if state["schedule"]["steps"] != args.steps and is_main:
-            print(f"note: --steps {args.steps} differs from the resumed run's {state['schedule']['steps']}; "
-                  f"the learning-rate schedule changes from here", file=sys.stderr)
-    if rng_states is not None and len(rng_states) == world:
-        torch.set_rng_state(rng_states[rank]["cpu"])
-        if device.type == "cuda" and rng_states[rank].get("cuda") is not None:
-            torch.cuda.set_rng_state(rng_states[rank]["cuda"], device)
-    else:
-        torch.manual_seed(args.seed + 1 + rank)
-    step_module = LossModule(model)
-    if world > 1:
-        # Parameters the loss never reaches (CLIP's pooled-output projection) get no gradient.
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext())
+STAGE_KEYS = {"name", "variants"}  # recipe keys that are not flags
 
-    # Evaluation set-up (rank 0 writes everything).
-    vq = None
-    eval_captions = []
-    if is_main:
-        if vqgan_dir.exists():
-            vq = vqgan.load_vqgan(vqgan_dir).to(device).eval()
-        else:
-            print(f"note: VQGAN {vqgan_dir} not found; no sample grids", file=sys.stderr)
-        if shapes_world:
-            import shapes
 
-            every = shapes.eval_captions()
-            eval_captions = every[:: max(1, len(every) // args.eval_captions)][: args.eval_captions]
-        else:
-            eval_captions = [shards.caption(i) for i in range(min(args.eval_captions, len(shards)))]
-        metrics_path = out / "metrics.jsonl"
-        if resume_dir is not None:
-            truncate_metrics(metrics_path, start_step)
-        else:
-            metrics_path.unlink(missing_ok=True)
-        metrics_file = open(metrics_path, "a")
-        (out / "samples").mkdir(exist_ok=True)
-
-    def log(record):
-        if is_main:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    def gather_rng():
-        local = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        if world == 1:
-            return [local]
-        everyone = [None] * world
-        dist.all_gather_object(everyone, local)
-        return everyone
-
-    def checkpoint(step):
-        states = gather_rng()  # every rank takes part
-        if is_main:
-            return save(out, model, optimizer, step, args, tokenizer_path, vqgan_dir, states, args.keep)
-        return None
-
-    def run_eval(step):
-        if not is_main or vq is None or not eval_captions:
-            return None
-        metrics, images = evaluate(model, vq, tokenizer, eval_captions, model.config.text.context_length,
-                                   model.config.grid, device, args.seed, shapes_world)
-        if images:
-            image_grid(images, eval_captions).save(out / "samples" / f"{checkpoint_name(step)}.png")
-        if metrics:
-            log({"step": step, **metrics})
-        return metrics
-
-    # Signals: finish the current step, save, exit cleanly.
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    from tqdm import tqdm
-
-    n_tokens = model.config.n
-    bar = tqdm(total=args.steps, initial=start_step, disable=not is_main, dynamic_ncols=True, unit="step")
-    last_good = resume_dir
-    window = {"loss": 0.0, "count": 0, "time": 0.0, "tokens": 0}
-    tokens_per_s = 0.0
-    step = start_step
+def load_recipe(path: Path, parser: argparse.ArgumentParser) -> list[dict]:
+    """The stages of a TOML recipe ([[stage]] tables, or one table of flags), each key checked."""
     try:
-        while step < args.steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, args.steps, args.lr, args.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            indices = data.batch_indices(step, args.batch_size, len(shards), args.seed)
-            loss_sum = torch.zeros((), device=device)
-            for a in range(args.grad_accum):
-                j = a * world + rank  # micro-batch index within the global batch
-                captions, image_tokens = shards.batch(indices[j * per_micro:(j + 1) * per_micro])
-                text_tokens = tokenizer(captions, context_length=model.config.text.context_length)
-                contrast = contrast_tokens(tokenizer, captions, model.config)
-                generator = torch.Generator(device=device).manual_seed(micro_seed(args.seed, step, j))
-                sync = world == 1 or a == args.grad_accum - 1
-                with (nullcontext() if sync else step_module.no_sync()), autocast:
-                    loss = step_module(text_tokens.to(device), image_tokens.to(device), args.variant, generator,
-                                       None if contrast is None else contrast.to(device))
-                (loss / args.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            # One all-reduce carries the loss, the finiteness check and the stop request.
-            flags = torch.stack([loss_sum / args.grad_accum, grad_norm.float().to(device),
-                                 torch.tensor(float(stop["signal"] is not None), device=device)])
-            flags = torch.nan_to_num(flags, nan=float("inf"))
-            if world > 1:
-                dist.all_reduce(flags)
-                flags[:2] /= world  # mean loss; the norm of the (already averaged) gradient is the same on every rank
-            mean_loss, norm, stop_requested = flags.tolist()
-            if not (math.isfinite(mean_loss) and math.isfinite(norm)):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise TrainError(f"the loss or gradient norm became non-finite at step {step + 1} (loss {mean_loss}, "
-                                 f"grad norm {norm}); stopped without saving, {where}. Try a lower --lr, --dtype fp32, "
-                                 f"or --resume from that checkpoint")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        recipe = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TrainError(f"recipe {path} does not exist; see recipes/ for examples, or pass --recipe none") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TrainError(f"recipe {path} is not valid TOML ({e})") from None
+    stages = recipe.get("stage", [recipe])
+    dests = {a.dest for a in parser._actions} - {"help", "recipe", "list_fields"}
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise TrainError(f"recipe {path}: stage {i + 1} is not a table")
+        stage.setdefault("name", f"stage{i + 1}")
+        unknown = set(stage) - dests - STAGE_KEYS
+        if unknown:
+            raise TrainError(f"recipe {path}: unknown keys {sorted(unknown)} (keys are train.py's flags, "
+                             "with _ for -)")
+    return stages
 
-            dt = time.perf_counter() - t0
-            window = {"loss": window["loss"] + mean_loss, "count": window["count"] + 1, "time": window["time"] + dt,
-                      "tokens": window["tokens"] + args.batch_size * n_tokens}
-            tokens_per_s = args.batch_size * n_tokens / dt if tokens_per_s == 0 else 0.9 * tokens_per_s + 0.1 * args.batch_size * n_tokens / dt
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            if step % args.log_every == 0 or step == args.steps:
-                log({"step": step, "loss": window["loss"] / window["count"], "lr": lr, "grad_norm": norm,
-                     "tokens_per_s": window["tokens"] / window["time"], "steps_per_s": window["count"] / window["time"],
-                     "time": time.time()})
-                window = {"loss": 0.0, "count": 0, "time": 0.0, "tokens": 0}
-            if stop_requested:
-                last_good = checkpoint(step)
-                if is_main:
-                    bar.close()
-                    print(f"stopped by signal at step {step}; checkpoint {last_good} (continue with --resume)", file=sys.stderr)
-                return 0
-            if step % args.save_every == 0 or step == args.steps:
-                last_good = checkpoint(step) or last_good
-            if step % args.eval_every == 0 or step == args.steps:
-                metrics = run_eval(step)
-                if metrics:
-                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    finally:
-        bar.close()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-        if is_main:
-            metrics_file.close()
-    if is_main:
-        print(f"done: {step} steps; checkpoint {out / checkpoint_name(step)}", file=sys.stderr)
+
+def stage_argv(stage: dict) -> list[str]:
+    """A stage's flags as command-line words (the user's own flags follow and override them)."""
+    words = []
+    for key, value in stage.items():
+        if key in STAGE_KEYS:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def finished_step(out: Path) -> int:
+    try:
+        return int(json.loads((out / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def run_recipe(recipe: Path, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """Every stage of the recipe in turn, each into --out/NAME; a finished stage is skipped and
+    an interrupted one resumed, so running the same command again continues the recipe."""
+    user = parser.parse_args(argv)
+    base = Path(user.out or ROOT / "runs" / recipe.stem)
+    stages, plans = load_recipe(recipe, parser), []
+    for stage in stages:
+        args = parser.parse_args(stage_argv(stage) + argv + ["--out", str(base / stage["name"])])
+        if stage.get("variants") and emage.parse_variant(args.variant) not in [emage.parse_variant(v) for v in stage["variants"]]:
+            continue  # e.g. the mirror loss, which needs variant 3
+        plans.append((stage, args, args.steps or PRESETS[args.preset]["steps"]))
+    print(f"recipe {recipe}: " + ", then ".join(f"{s['name']} ({n:,} steps)" for s, _, n in plans) + f" into {base}",
+          file=sys.stderr)
+    for i, (stage, args, steps) in enumerate(plans):
+        out = Path(args.out)
+        if args.init and not Path(args.init).exists() and (base / args.init).is_dir():  # "init = 'stage1'"
+            args.init = str(find_resume(base / args.init, "latest"))
+        if finished_step(out) >= steps:
+            print(f"{stage['name']}: finished already ({out})", file=sys.stderr)
+            continue
+        if holds_a_run(out):
+            args.resume, args.init = args.resume or "latest", None
+            print(f"{stage['name']}: resuming {out}", file=sys.stderr)
+        code = train(args, later_steps=sum(n for _, _, n in plans[i + 1:]))
+        if code or finished_step(out) < steps:  # stopped by a signal: the rest waits for the next call
+            return code
     return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -613,9 +859,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    shapes_defaults = PRESETS["shapes"]
-    paper = PRESETS["paper"]
+    shapes_defaults, paper = PRESETS["shapes"], PRESETS["paper"]
     preset_help = lambda key: f"(default: {shapes_defaults[key]} for --preset shapes, {paper[key]} for paper)"  # noqa: E731
+    p.add_argument("--recipe", default=None,
+                   help="a TOML file of flags, one [[stage]] table per stage (see recipes/); default: "
+                        "recipes/shapes_demo.toml with --data shapes unless --resume or --init is given; 'none' for no recipe")
+    p.add_argument("--list-fields", action="store_true", help="print every --set field with its default and exit")
     p.add_argument("--variant", default="3", help="what to train (Fig. 2): full, 1, 2, 3 or ar (autoregressive baseline)")
     p.add_argument("--data", default="shapes", help="'shapes' (the embedded world) or a token-shard directory from `python data.py prepare`")
     p.add_argument("--preset", default="shapes", choices=sorted(PRESETS), help="model size and training defaults: EmageConfig.shapes() or .paper()")
@@ -630,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=4.0, help="gradient norm clipping")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (weights and optimizer stay fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and masks")
-    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-vVARIANT)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-vVARIANT; with a recipe, runs/RECIPE/STAGE)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the latest checkpoint in --out, or from the given checkpoint directory")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="fine-tune: start from an Emage checkpoint's weights, config and vocabulary with a fresh "
@@ -638,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-init", default=None, help="initialise the text encoder from CLIP weights (OpenAI, Hugging Face or native; see clip_text.load_clip_text)")
     p.add_argument("--bpe", default=None, help="BPE vocabulary of the captions (default: the shapes vocabulary for --preset shapes, CLIP's for paper)")
     p.add_argument("--vqgan", default=None, help="VQGAN checkpoint dir for sample grids and the checkpoint's reference (default: the one the token shards were prepared with)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an EmageConfig field, e.g. --set layers=2 --set text.layers=1 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set layers=2 --set text.layers=1 (repeatable; --list-fields lists them)")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between sample grids / shapes accuracy {preset_help('eval_every')}")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: --eval-every)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --out (the newest ones)")
@@ -658,9 +907,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def list_fields(args) -> str:
+    config = emage.EmageConfig.paper() if args.preset == "paper" else emage.EmageConfig.shapes()
+    rows = config_fields(config, extensions.Beyond())
+    width = max(len(name) for name, _ in rows)
+    return f"--set fields of --preset {args.preset} (text.*: the text tower; colours, object_mask, mirror_loss: extensions.py)\n" + \
+        "\n".join(f"  {name:{width}s}  {value!r}" for name, value in rows)
+
+
+def without_recipe(argv: list[str]) -> list[str]:
+    """argv less --recipe and its value (either --recipe FILE or --recipe=FILE)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--recipe":
+            skip = True
+        elif not word.startswith("--recipe="):
+            out.append(word)
+    return out
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.list_fields:
+            print(list_fields(args))
+            return 0
+        recipe = args.recipe
+        if recipe is None and args.data == "shapes" and not (args.resume or args.init):
+            recipe = str(DEFAULT_RECIPE)
+        if recipe is not None and recipe.lower() != "none":
+            return run_recipe(Path(recipe), without_recipe(argv), parser)
         return train(args)
     except (TrainError, data.DataError, emage.EmageError, vqgan.VQGANError, ClipTextError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import emage
+import extensions
 import train
 import vqgan
 
@@ -167,13 +168,13 @@ def test_user_errors_are_one_line(shards, tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
     assert "no meta.json" in capsys.readouterr().err
     assert run(shards, tmp_path / "r3", "--set", "nonsense=1") == 1
-    assert "no such config field" in capsys.readouterr().err
+    assert "no such field" in capsys.readouterr().err
 
 
 def test_text_init_loads_clip_weights_into_the_text_encoder(shards, tmp_path):
     import clip_text
 
-    config = clip_text.TextConfig(vocab_size=clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH).vocab_size,
+    config = clip_text.TextConfig(vocab_size=clip_text.Tokenizer(train.SHAPES_BPE).vocab_size,
                                   context_length=24, width=32, heads=2, layers=2, embed_dim=16)
     torch.manual_seed(1)
     clip = clip_text.TextEncoder(config)
@@ -181,7 +182,7 @@ def test_text_init_loads_clip_weights_into_the_text_encoder(shards, tmp_path):
     args = train.build_parser().parse_args(["--data", str(shards / "tokens"), "--text-init", str(tmp_path / "clip"),
                                             "--set", "width=32", "--set", "layers=1", "--set", "heads=2"])
     train.resolve_args(args)
-    model = train.build_model(args, clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH), data.TokenShards(shards / "tokens"))
+    model = train.build_model(args, clip_text.Tokenizer(train.SHAPES_BPE), data.TokenShards(shards / "tokens"))
     assert model.config.text == config
     loaded, saved = model.text_encoder.state_dict(), clip.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
@@ -196,7 +197,7 @@ def test_bf16_autocast_trains(shards, tmp_path):
 
 def test_shapes_default_tokenises_once_then_reuses_the_cache(shards, tmp_path, capsys):
     cache = tmp_path / "shapes-tokens"
-    common = ["--vqgan", str(shards / "vqgan"), "--shapes-cache", str(cache), "--shapes-examples", "40",
+    common = ["--recipe", "none", "--vqgan", str(shards / "vqgan"), "--shapes-cache", str(cache), "--shapes-examples", "40",
               "--steps", "1", "--batch-size", "4", "--eval-every", "1000", *TINY]
     assert train.main(["--out", str(tmp_path / "a"), *common]) == 0
     assert data.TokenShards(cache).meta["source"] == "shapes(num=40, seed=0, align=8, jitter=False)"  # the demo's renders
@@ -214,8 +215,8 @@ def test_init_fine_tunes_from_a_checkpoint_with_a_fresh_schedule_and_new_trainin
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     assert run(shards, base, steps=2) == 0
     assert run(shards, tuned, "--init", str(base / "latest"), "--set", "mirror_loss=1.0", "--seed", "1", steps=2) == 0
-    model, info = emage.load_checkpoint(tuned / "latest")
-    assert info["step"] == 2 and model.config.mirror_loss == 1.0  # a new run of 2 steps, not steps 3 and 4
+    model, info = extensions.load_checkpoint(tuned / "latest")
+    assert info["step"] == 2 and model.beyond.mirror_loss == 1.0  # a new run of 2 steps, not steps 3 and 4
     start, end = weights(base / "latest"), weights(tuned / "latest")
     assert start.keys() == end.keys() and not all(torch.equal(start[k], end[k]) for k in start)
     state = torch.load(tuned / "step-0000002" / "train_state.pt", weights_only=True)
@@ -238,11 +239,100 @@ def test_init_errors_are_one_line(shards, tmp_path, capsys):
 def test_contrast_tokens_are_the_mirrored_captions_only_when_the_mirror_loss_is_on():
     import clip_text
 
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
-    config = emage.EmageConfig.shapes()
+    tokenizer = clip_text.Tokenizer(train.SHAPES_BPE)
     captions = ["a red circle to the left of a blue square", "a small green triangle", "any other text"]
-    assert train.contrast_tokens(tokenizer, captions, config) is None
-    config.mirror_loss = 1.0
-    got = train.contrast_tokens(tokenizer, captions, config)
+    assert extensions.Beyond().batch_inputs(captions, tokenizer, 24) == {}
+    got = extensions.Beyond(mirror_loss=1.0).batch_inputs(captions, tokenizer, 24)["contrast_tokens"]
     expected = tokenizer(["a red circle to the right of a blue square", *captions[1:]], context_length=24)
     assert torch.equal(got, expected)
+
+
+RECIPE = """
+[[stage]]
+name = "first"
+steps = 2
+lr = 1e-3
+
+[[stage]]
+name = "second"
+variants = [3]
+init = "first"
+steps = 2
+set = ["mirror_loss=1.0"]
+"""
+
+
+def test_a_recipe_runs_its_stages_then_skips_them_and_resumes_an_interrupted_one(shards, tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    argv = ["--recipe", str(recipe), "--data", str(shards / "tokens"), "--vqgan", str(shards / "vqgan"),
+            "--out", str(tmp_path / "runs"), "--batch-size", "8", "--eval-every", "1000", *TINY]
+    assert train.main(argv) == 0
+    first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
+    model, info = extensions.load_checkpoint(second / "latest")
+    assert info["step"] == 2 and model.beyond.mirror_loss == 1.0
+    assert info["extra"]["train_args"]["init"] == str(first / "step-0000002")  # stage 2 starts from stage 1
+    assert [m["lr"] for m in metrics(first) if "lr" in m] == [pytest.approx(1e-3)]  # the recipe's lr, not the preset's
+    stamp = (second / "latest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert train.main(argv) == 0  # again: both finished, nothing retrained
+    assert (second / "latest.json").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().err.count("finished already") == 2
+    assert train.main(argv + ["--variant", "1", "--out", str(tmp_path / "v1")]) == 0  # stage 2 is for variant 3 only
+    assert (tmp_path / "v1" / "first" / "latest.json").is_file() and not (tmp_path / "v1" / "second").exists()
+
+
+def test_a_recipe_with_an_unknown_key_is_a_one_line_error(tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[[stage]]\nlearning_rate = 1\n")
+    assert train.main(["--recipe", str(recipe)]) == 1
+    assert "learning_rate" in capsys.readouterr().err
+    recipe.write_text("steps = [")
+    assert train.main(["--recipe", str(recipe)]) == 1
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_a_fresh_run_never_starts_over_an_earlier_one_and_a_live_lock_refuses_a_second_writer(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(shards, out, steps=2) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run(shards, out, steps=4) == 1  # no --resume: refused, nothing touched
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(),
+                                                 "since": "now"}))
+    assert run(shards, busy, steps=1) == 1  # a live holder (this very process)
+    assert f"process {os.getpid()}" in capsys.readouterr().err
+    (busy / "train.lock").write_text('{"pid": 99999999, "ho')  # torn by a kill: stale, taken over
+    assert run(shards, busy, steps=1) == 0
+    assert not (busy / "train.lock").exists()
+
+
+def test_a_torn_last_metrics_line_does_not_stop_resume(shards, tmp_path):
+    out = tmp_path / "run"
+    assert run(shards, out, "--save-every", "2", steps=2) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.')  # a kill in the middle of a write
+    assert run(shards, out, "--resume", steps=3) == 0
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3]
+
+
+def test_list_fields_names_every_set_field(capsys):
+    assert train.main(["--list-fields"]) == 0
+    out = capsys.readouterr().out
+    for name in ("width", "pass1_keep_seen", "text.layers", "colours", "object_mask", "mirror_loss"):
+        assert f"  {name} " in out
+
+
+def test_changing_the_text_tower_that_text_init_loads_is_a_one_line_error(shards, tmp_path, capsys):
+    import clip_text
+
+    config = clip_text.TextConfig(vocab_size=clip_text.Tokenizer(train.SHAPES_BPE).vocab_size,
+                                  context_length=24, width=32, heads=2, layers=2, embed_dim=16)
+    clip_text.save_clip_text(clip_text.TextEncoder(config), tmp_path / "clip")
+    assert run(shards, tmp_path / "r", "--text-init", str(tmp_path / "clip"), "--set", "text.layers=1") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layers=2" in err and "layers=1" in err
