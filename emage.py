@@ -780,6 +780,7 @@ def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Ema
         "step": meta.get("step", 0),
         "tokenizer_path": str((d / meta["tokenizer"]).resolve()),
         "vqgan_dir": str((d / meta["vqgan_dir"]).resolve()),
+        "vqgan_relative": meta["vqgan_dir"],
         "extra": meta.get("extra", {}),
     }
     return model.to(map_location), info

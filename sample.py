@@ -76,7 +76,9 @@ class Pipeline:
     device: torch.device
 
     @classmethod
-    def load(cls, checkpoint: str | Path = DEMO_CHECKPOINT, device: str | torch.device = "cpu") -> "Pipeline":
+    def load(cls, checkpoint: str | Path = DEMO_CHECKPOINT, device: str | torch.device = "cpu",
+             vqgan_dir: str | Path | None = None) -> "Pipeline":
+        """A checkpoint folder and the VQGAN it names (relative to itself), or `vqgan_dir`."""
         checkpoint = Path(checkpoint)
         if not checkpoint.is_dir():
             raise SampleError(f"checkpoint folder {checkpoint} does not exist; pass --checkpoint DIR "
@@ -84,7 +86,13 @@ class Pipeline:
         device = torch.device(device)
         model, info = extensions.load_checkpoint(checkpoint, map_location=device)
         tokenizer = clip_text.Tokenizer(info["tokenizer_path"])
-        decoder = vqgan.load_vqgan(info["vqgan_dir"]).to(device).eval()
+        if vqgan_dir is None and not Path(info["vqgan_dir"]).is_dir():
+            raise SampleError(f"{checkpoint} names its VQGAN as {info['vqgan_relative']!r} relative to itself, and "
+                              f"{info['vqgan_dir']} does not exist (was the checkpoint moved?); pass --vqgan DIR")
+        decoder = vqgan.load_vqgan(vqgan_dir or info["vqgan_dir"]).to(device).eval()
+        if decoder.config.n_embed != model.config.codebook_size:
+            raise SampleError(f"the VQGAN {vqgan_dir or info['vqgan_dir']} has {decoder.config.n_embed} codes but the "
+                              f"generator {model.config.codebook_size}; pass the VQGAN it was trained with (--vqgan)")
         return cls(model, decoder, tokenizer, info, checkpoint, device)
 
     @classmethod
@@ -332,7 +340,7 @@ def check_args(args) -> None:
         raise SampleError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 <= args.guidance < float("inf"):
         raise SampleError(f"--guidance must be a finite number >= 0 (1 = off), got {args.guidance}")
-    if not 1 <= args.upscale <= 16:
+    if args.upscale is not None and not 1 <= args.upscale <= 16:
         raise SampleError(f"--upscale must be between 1 and 16, got {args.upscale}")
     if not 0 <= args.seed < 2**63:
         raise SampleError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
@@ -386,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("prompt", help="the caption to draw")
     parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT, help="Emage checkpoint folder")
+    parser.add_argument("--vqgan", type=Path, default=None,
+                        help="VQGAN folder to decode with (default: the one the checkpoint names, relative to itself)")
     parser.add_argument("--out", help="output PNG, or a folder (default: outputs/<prompt>-<seed>.png)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
     parser.add_argument("--num-images", type=int, default=1, help="images to draw, in one batch")
@@ -401,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoding algorithm (default: the one the checkpoint was trained for)")
     parser.add_argument("--show-steps", action="store_true",
                         help="also write <out>-steps.png: the image after every round (paper Fig. 5)")
-    parser.add_argument("--upscale", type=int, default=4, help="nearest-neighbour enlargement of the saved PNG")
+    parser.add_argument("--upscale", type=int, default=None,
+                        help="nearest-neighbour enlargement of the saved PNG (default: up to at least 256 px, so 4 "
+                             "for the 64 px shapes demo and 1 for a 256 px model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="compute precision")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
@@ -446,12 +458,16 @@ def main(argv=None) -> int:
         check_args(args)
         args.contrast = contrast_caption(args)
         started = time.perf_counter()
+        if args.backend == "onnx" and args.vqgan is not None:
+            raise SampleError("--vqgan is for --backend torch: an export carries its own VQGAN decoder")
         if args.backend == "onnx":  # tokens, noise and images on the host; the graphs where --device says
             pipe = Pipeline.load_onnx(args.onnx_dir, args.device)
             device = pipe.device
         else:
             device = pick_device(args.device)
-            pipe = Pipeline.load(args.checkpoint, device)
+            pipe = Pipeline.load(args.checkpoint, device, vqgan_dir=args.vqgan)
+        if args.upscale is None:
+            args.upscale = max(1, -(-256 // pipe.image_size[1]))
         clip = None
         if args.candidates > 1 and args.rerank == "clip":
             import clip_image  # the paper's re-ranker, off by default
@@ -493,7 +509,8 @@ def main(argv=None) -> int:
                       "temperature": args.temperature, "guidance": args.guidance,
                       "negative_prompt": args.negative_prompt, "variant": pipe.info["variant"],
                       "algorithm": args.algorithm or "default", "backend": args.backend,
-                      "checkpoint": str(args.onnx_dir if args.backend == "onnx" else args.checkpoint)}
+                      "checkpoint": str(Path(args.onnx_dir if args.backend == "onnx" else args.checkpoint).resolve()),
+                      "step": pipe.info["step"]}
         if C > 1:
             parameters.update(candidates=C, rerank=args.rerank)
             if args.rerank == "clip":

@@ -169,7 +169,7 @@ def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
     if args.text_init:
         import clip_text  # only for pretrained text towers
 
-        text_encoder = clip_text.load_clip_text(args.text_init)
+        text_encoder = clip_text.load_clip_text(args.text_init, trust_torchscript=args.trust_torchscript)
         config.text = text_encoder.config
     config.text.vocab_size = tokenizer.vocab_size
     loaded = repr(config.text)
@@ -225,6 +225,16 @@ def shapes_tokens(args, rank: int, world: int) -> Path:
     if world > 1:
         dist.barrier()
     return out
+
+
+def caption_vocabulary(args) -> Path | None:
+    """--bpe; else the merges.txt of a Hugging Face CLIP folder given to --text-init; else the
+    shapes vocabulary (--preset shapes) or CLIP's own file found by clip_text.find_bpe."""
+    if args.bpe:
+        return Path(args.bpe)
+    if args.text_init and (Path(args.text_init) / "merges.txt").is_file():
+        return Path(args.text_init) / "merges.txt"
+    return SHAPES_BPE if args.preset == "shapes" and not args.text_init else None
 
 
 def check_vqgan(shards, vqgan_dir: Path, data_dir: Path) -> None:
@@ -553,7 +563,7 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
     shards = data.TokenShards(data_dir)
     vqgan_dir = Path(args.vqgan or shards.meta["vqgan"])
     check_vqgan(shards, vqgan_dir, data_dir)
-    tokenizer = Tokenizer(Path(args.bpe) if args.bpe else (SHAPES_BPE if args.preset == "shapes" else None))
+    tokenizer = Tokenizer(caption_vocabulary(args))
     tokenizer_path = tokenizer.path
 
     torch.manual_seed(args.seed)
@@ -885,7 +895,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from an Emage checkpoint's weights, config and vocabulary with a fresh "
                         "optimizer and schedule (--set may change training fields such as mirror_loss)")
     p.add_argument("--text-init", default=None, help="initialise the text encoder from CLIP weights (OpenAI, Hugging Face or native; see clip_text.load_clip_text)")
-    p.add_argument("--bpe", default=None, help="BPE vocabulary of the captions (default: the shapes vocabulary for --preset shapes, CLIP's for paper)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="let --text-init read OpenAI's TorchScript release (ViT-L-14.pt), which can run code")
+    p.add_argument("--bpe", default=None, help="BPE vocabulary of the captions: bpe_simple_vocab_16e6.txt.gz or a Hugging Face "
+                   "merges.txt (default: the --text-init folder's merges.txt, else the shapes vocabulary for --preset shapes, "
+                   "else CLIP's file from $EMAGE_CLIP_BPE or an installed open_clip)")
     p.add_argument("--vqgan", default=None, help="VQGAN checkpoint dir for sample grids and the checkpoint's reference (default: the one the token shards were prepared with)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set layers=2 --set text.layers=1 (repeatable; --list-fields lists them)")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between sample grids / shapes accuracy {preset_help('eval_every')}")
