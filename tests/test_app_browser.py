@@ -139,9 +139,8 @@ def test_generate_play_the_rounds_and_redraw(server, browser, tmp_path):
     assert label.text.startswith("round 10 / 16:") and "kept" in label.text
 
     driver.execute_script("window.scrollTo(0, 0)")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
     screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "app.png")
     assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
-    with Image.open(SCREENSHOT) as shot:
+    with Image.open(screenshot) as shot:
         assert shot.size == (1280, 860)
 
