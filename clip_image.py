@@ -15,7 +15,7 @@ that public checkpoints load into it exactly, pairs it with the text tower of
 Command line:
     python clip_image.py convert SRC OUT_DIR                    a full CLIP checkpoint -> native dir
     python clip_image.py score --clip DIR IMG... --caption TEXT  cosine similarity of images to a caption
-    python clip_image.py train-shapes --out checkpoints/shapes/clip
+    python clip_image.py train-shapes --out runs/shapes-clip     (the shipped one: checkpoints/shapes/clip)
 """
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_text
+import shapes
 from clip_text import LayerNorm, TextConfig, TextEncoder, Transformer
+from files import FileError, atomic_write, open_image, write_json
+from shapes_tokenizers import SHAPES_BPE_PATH, SHAPES_VOCAB_SIZE, TokenizerError, check_output
 
 ROOT = Path(__file__).resolve().parent
 SHAPES_CLIP = ROOT / "checkpoints" / "shapes" / "clip"
@@ -91,7 +94,7 @@ class VisionConfig:
 def shapes_text_config() -> TextConfig:
     """The text tower paired with VisionConfig.shapes(): the shapes vocabulary, width 32, 1 layer,
     16 positions (a shapes caption is at most 12 words, one token each, plus start and end)."""
-    return TextConfig(vocab_size=clip_text.SHAPES_VOCAB_SIZE, context_length=16, width=32, heads=2, layers=1,
+    return TextConfig(vocab_size=SHAPES_VOCAB_SIZE, context_length=16, width=32, heads=2, layers=1,
                       embed_dim=32)
 
 
@@ -200,41 +203,30 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def save_clip_image(encoder: VisionEncoder, out_dir: str | os.PathLike) -> None:
     """Native vision tower: config.json (the VisionConfig) + model.safetensors, each atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _write_weights(out / "model.safetensors", encoder.state_dict())
-    _write_json(out / "config.json", {"format": VISION_FORMAT, "config": asdict(encoder.config)})
+    write_json(out / "config.json", {"format": VISION_FORMAT, "config": asdict(encoder.config)})
 
 
 def save_clip(model: CLIP, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike) -> None:
     """Native whole CLIP: config.json (both configs, the vocabulary's file name) + model.safetensors
     (keys `text.*`, `visual.*`, `logit_scale`), with the vocabulary copied beside them."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     vocab = Path(tokenizer_path)
     if vocab.resolve() != (out / vocab.name).resolve():
-        tmp = out / f".{vocab.name}.tmp{os.getpid()}"
-        shutil.copyfile(vocab, tmp)
-        os.replace(tmp, out / vocab.name)
+        atomic_write(out / vocab.name, lambda tmp: shutil.copyfile(vocab, tmp))
     _write_weights(out / "model.safetensors", model.state_dict())
-    _write_json(out / "config.json", {"format": CLIP_FORMAT, "text": asdict(model.text.config),
-                                      "vision": asdict(model.visual.config), "tokenizer": vocab.name})
+    write_json(out / "config.json", {"format": CLIP_FORMAT, "text": asdict(model.text.config),
+                                     "vision": asdict(model.visual.config), "tokenizer": vocab.name})
 
 
 def openai_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -436,8 +428,6 @@ def mutate_caption(caption: str, rng: random.Random, split: str = "train") -> st
     """A caption one detail away from `caption`: another colour, shape or size of one object,
     or the opposite relation. Used as a hard negative in training; it stays in `split`
     (for "train": no held-out pair) and within the grammar."""
-    import shapes
-
     parsed = shapes.parse(caption)
     while True:
         objects = list(parsed.objects)
@@ -465,8 +455,6 @@ def mutate_caption(caption: str, rng: random.Random, split: str = "train") -> st
 
 def shapes_batch(rng: random.Random, size: int) -> tuple[np.ndarray, list[str]]:
     """size // 2 training captions and a hard negative of each, rendered: (uint8 [size, 64, 64, 3], captions)."""
-    import shapes
-
     captions = []
     for _ in range(size // 2):
         caption = shapes.sample_caption(rng, "train")
@@ -492,8 +480,6 @@ def contrastive_loss(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:
 def retrieval_accuracy(model: CLIP, tokenizer: clip_text.Tokenizer, seed: int = 0) -> dict[str, float]:
     """Image -> caption retrieval among the shapes evaluation captions (one render each), and the
     rate at which an image scores its caption above a hard negative (mutate_caption, any split)."""
-    import shapes
-
     captions = shapes.eval_captions()
     rng = random.Random(seed)
     images = np.stack([np.asarray(shapes.render(c, seed)) for c in captions])
@@ -516,7 +502,7 @@ def train_shapes(out: str | os.PathLike, *, steps: int = 1000, batch_size: int =
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tokenizer = clip_text.Tokenizer(SHAPES_BPE_PATH)
     model = CLIP(shapes_text_config(), VisionConfig.shapes())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
@@ -550,7 +536,7 @@ def train_shapes(out: str | os.PathLike, *, steps: int = 1000, batch_size: int =
     save_clip(model, out, tokenizer.path)
     meta = json.loads((Path(out) / "config.json").read_text())
     meta["training"] = report
-    _write_json(Path(out) / "config.json", meta)
+    write_json(Path(out) / "config.json", meta)
     return report
 
 
@@ -566,13 +552,8 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     reranker = load_reranker(args.clip, bpe=args.bpe, trust_torchscript=args.trust_torchscript)
-    images = []
-    for path in args.images:
-        with Image.open(path) as image:
-            images.append(np.asarray(image.convert("RGB")))
+    images = [np.asarray(open_image(path)) for path in args.images]
     if len({a.shape for a in images}) != 1:
         raise ClipImageError("the images differ in size; score images of one size at a time")
     for path, value in zip(args.images, reranker(np.stack(images), args.caption)):
@@ -580,6 +561,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _train_shapes(args: argparse.Namespace) -> None:
+    check_output(args.out, args.overwrite, "folder")
     report = train_shapes(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           threads=args.threads, max_minutes=args.max_minutes)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
@@ -606,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_score)
 
     p = commands.add_parser("train-shapes", help="train the small shapes-world CLIP", formatter_class=fmt)
-    p.add_argument("--out", default=str(SHAPES_CLIP), help="output checkpoint folder")
+    p.add_argument("--out", default="runs/shapes-clip",
+                   help=f"output checkpoint folder (the shipped one is {SHAPES_CLIP.relative_to(ROOT)})")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out if there is one")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per step (half of them hard negatives)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
@@ -618,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (clip_text.ClipTextError, OSError) as e:
+    except (clip_text.ClipTextError, TokenizerError, FileError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

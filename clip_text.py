@@ -1,4 +1,4 @@
-"""CLIP's text side, from scratch: byte-level BPE tokenizer, BPE learner, text Transformer.
+"""CLIP's text side, from scratch: byte-level BPE tokenizer and text Transformer.
 
 The paper reads captions through the text tower of CLIP ViT-L/14 (width 768,
 12 layers, 12 heads, context 77, vocabulary 49408) and found that starting from
@@ -6,7 +6,6 @@ CLIP's weights is what made the non-autoregressive generator train (Table 5).
 This file rebuilds that tower so that public checkpoints load into it exactly:
 
     Tokenizer(bpe_path)            caption -> ids, the same ids as OpenAI's tokenizer
-    learn_bpe(texts, size, path)   a small vocabulary in the same file format (shapes world)
     TextEncoder(TextConfig)        tokens[B, L] -> (states[B, L, width], pooled[B, embed_dim])
     load_clip_text(path)           OpenAI state dict / TorchScript, Hugging Face, or native dir
     save_clip_text(encoder, dir)   native format: config.json + model.safetensors
@@ -14,7 +13,8 @@ This file rebuilds that tower so that public checkpoints load into it exactly:
 Command line:
     python clip_text.py convert SRC OUT_DIR              any supported checkpoint -> native dir
     python clip_text.py encode --checkpoint DIR "text"   token ids and the pooled vector's norm
-    python clip_text.py learn-bpe --out FILE             learn a vocabulary (default: shapes captions)
+
+Small vocabularies in the same file format are learnt by shapes_tokenizers.learn_bpe.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from files import atomic_write, write_json
 
 
 class ClipTextError(ValueError):
@@ -47,8 +48,6 @@ class ClipTextError(ValueError):
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"  # the file OpenAI CLIP and open_clip ship
 BPE_ENV = "EMAGE_CLIP_BPE"  # environment variable naming a vocabulary file
-SHAPES_BPE_PATH = Path(__file__).resolve().parent / "checkpoints" / "shapes" / "bpe_shapes.txt.gz"
-SHAPES_VOCAB_SIZE = 573  # ids in SHAPES_BPE_PATH (`python clip_text.py learn-bpe` prints it)
 # OpenAI's file lists some 262,000 merges but CLIP reads only the first 49152 - 256 - 2 of them,
 # which gives 512 byte tokens + 48,894 merges + 2 special tokens = 49,408 ids.
 MAX_MERGES = 49152 - 256 - 2
@@ -90,13 +89,13 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def _as_symbols(word: str) -> list[str]:
+def word_symbols(word: str) -> list[str]:
     """A pre-token's bytes as BPE symbols, the last one marked as the end of a word."""
     chars = "".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8"))
     return [*chars[:-1], chars[-1] + END_OF_WORD]
 
 
-def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
     """Replace every occurrence of `pair`, scanning left to right without overlaps."""
     out, i = [], 0
     while i < len(symbols):
@@ -140,7 +139,7 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
             data = gzip.decompress(data)
         lines = data.decode("utf-8").split("\n")[1 : 1 + MAX_MERGES]
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ClipTextError(f"{path} is not a readable BPE vocabulary ({e}); pass {BPE_FILE_NAME} or a learn_bpe file") from None
+        raise ClipTextError(f"{path} is not a readable BPE vocabulary ({e}); pass {BPE_FILE_NAME} or a vocabulary in its format") from None
     while lines and not lines[-1].strip():
         lines.pop()
     merges = []
@@ -179,12 +178,12 @@ class Tokenizer:
         if word in (SOT, EOT):  # CLIP maps the literal special-token strings to their ids
             return [word]
         if word not in self._cache:
-            symbols = _as_symbols(word)
+            symbols = word_symbols(word)
             while len(symbols) > 1:
                 pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, MAX_MERGES))
                 if pair not in self.ranks:
                     break
-                symbols = _merge(symbols, pair)
+                symbols = merge_pair(symbols, pair)
             if len(self._cache) > 100_000:  # bound the memory a long-running job spends on it
                 self._cache.clear()
             self._cache[word] = symbols
@@ -225,47 +224,6 @@ class Tokenizer:
         return out
 
 
-def learn_bpe(texts, vocab_size: int, out_path: str | os.PathLike) -> int:
-    """Learn a byte-level BPE vocabulary of at most `vocab_size` ids from `texts`; write it to
-    `out_path` in CLIP's file format (gzipped when the name ends in .gz). Returns the number of ids.
-
-    Texts are cleaned and pre-tokenised exactly as `Tokenizer.encode` does. Each round merges
-    the most frequent adjacent pair over all words (ties: the pair seen first), until the
-    vocabulary is full or every word is a single symbol; so a small corpus may stop early.
-    Plain counting, O(merges x distinct words): meant for small vocabularies.
-    """
-    n_merges = vocab_size - 2 * 256 - 2
-    if n_merges < 0:
-        raise ClipTextError(f"vocab_size {vocab_size} is below the 514 ids of the bytes and special tokens; use >= 514")
-    counts = Counter(w for text in texts for w in WORD_PATTERN.findall(clean_text(text)) if w not in (SOT, EOT))
-    words = {tuple(_as_symbols(w)): c for w, c in counts.items()}  # symbols of each distinct word -> count
-    merges: list[tuple[str, str]] = []
-    while len(merges) < n_merges:
-        pairs: Counter = Counter()
-        for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = max(pairs, key=pairs.__getitem__)  # first of the most frequent, in corpus order
-        merges.append(best)
-        words = {tuple(_merge(list(symbols), best)): c for symbols, c in words.items()}
-    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    data = text.encode("utf-8")
-    if str(out_path).endswith(".gz"):
-        data = gzip.compress(data, mtime=0)  # mtime 0: the same corpus gives the same bytes
-    _write_atomic(Path(out_path), data)
-    return 2 * 256 + len(merges) + 2
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------
 # The text Transformer
 # ----------------------------------------------------------------------------------------
@@ -293,8 +251,10 @@ class TextConfig:
 
     @classmethod
     def shapes(cls) -> "TextConfig":
-        """A small tower for the shapes world, over the vocabulary of `SHAPES_BPE_PATH`."""
-        return cls(vocab_size=SHAPES_VOCAB_SIZE, context_length=24, width=128, heads=4, layers=3, embed_dim=128)
+        """Moved to shapes_tokenizers.text_config(); kept until emage.py stops calling it."""
+        import shapes_tokenizers  # a true circle: shapes_tokenizers imports this file
+
+        return shapes_tokenizers.text_config()
 
 
 class LayerNorm(nn.LayerNorm):
@@ -450,12 +410,9 @@ def save_clip_text(encoder: TextEncoder, out_dir: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"format": NATIVE_FORMAT, "config": asdict(encoder.config)}
-    _write_atomic(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    tmp = out / f".model.safetensors.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    write_json(out / "config.json", {"format": NATIVE_FORMAT, "config": asdict(encoder.config)})
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -662,20 +619,6 @@ def _encode(args: argparse.Namespace) -> None:
         print(f"{text!r}\n  ids: {ids}\n  pooled norm: {vector.norm().item():.6f}")
 
 
-def _learn_bpe(args: argparse.Namespace) -> None:
-    if args.texts:
-        texts = Path(args.texts).read_text(encoding="utf-8").splitlines()
-    else:
-        import random
-
-        import shapes
-
-        rng = random.Random(args.seed)
-        texts = [shapes.sample_caption(rng, "train") for _ in range(args.captions)]
-    size = learn_bpe(texts, args.vocab_size, args.out)
-    print(f"wrote {args.out}: {size} ids (of at most {args.vocab_size})")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -693,14 +636,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
     p.set_defaults(run=_encode)
 
-    p = commands.add_parser("learn-bpe", help="learn a small vocabulary in CLIP's file format", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(SHAPES_BPE_PATH), help="output file (.gz: gzipped)")
-    p.add_argument("--vocab-size", type=int, default=1024, help="most ids to learn (stops early once every word is one symbol)")
-    p.add_argument("--texts", default=None, help="a text file, one caption per line (default: shapes-world training captions)")
-    p.add_argument("--captions", type=int, default=20000, help="shapes captions to draw when --texts is not given")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shapes caption stream")
-    p.set_defaults(run=_learn_bpe)
-
     args = parser.parse_args(argv)
     try:
         args.run(args)
@@ -711,3 +646,16 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# SHAPES_BPE_PATH moved to shapes_tokenizers.py; it stays reachable here until train.py imports it
+# from there (resolved on first use, because shapes_tokenizers imports this file).
+_MOVED_TO_SHAPES_TOKENIZERS = ("SHAPES_BPE_PATH",)
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_SHAPES_TOKENIZERS:
+        import shapes_tokenizers
+
+        return getattr(shapes_tokenizers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

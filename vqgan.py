@@ -10,25 +10,20 @@ the public checkpoints load with a one-to-one key mapping:
       -> Encoder -> quant_conv -> quantiser -> tokens [B, H/f, W/f]   (VQGAN.encode)
       -> codebook lookup -> post_quant_conv -> Decoder -> image       (VQGAN.decode)
 
-The small trainer for the shapes world (SHAPES.md), whose tokenizers are committed in
-checkpoints/shapes/, lives in vqgan_shapes.py.
+Presets, trainers and evaluations of particular tokenizers live with the data they are
+made for, not here.
 
 Command line:
     python vqgan.py convert SRC OUT_DIR                 taming .ckpt -> config.json + model.safetensors
     python vqgan.py reconstruct IMAGE --checkpoint DIR --out PATH
-    python vqgan.py train --out checkpoints/shapes/vqgan
-    python vqgan.py eval --checkpoint checkpoints/shapes/vqgan
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import pickle
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -36,9 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from files import FileError, atomic_write, open_image, to_uint8, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -102,29 +99,6 @@ class VQGANConfig:
     def imagenet_f16_16384(cls) -> "VQGANConfig":
         """taming's ImageNet VQGAN, f=16, 16384 codes (256x256 -> 16x16 tokens)."""
         return cls(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), n_embed=16384, quantizer="vector")
-
-    @classmethod
-    def shapes(cls) -> "VQGANConfig":
-        """The shapes-world tokenizer: 64x64 -> 8x8 tokens, decoding to the world's palette (SHAPES.md).
-
-        A patch encoder (every black patch is one token, see PatchEncoder) and a narrow decoder
-        (8 channels at full resolution) that stays fast on a CPU at sampling time; one
-        GroupNorm group, because per-channel groups would normalise a lone object's colour away.
-        """
-        import shapes
-        palette = ((0, 0, 0),) + tuple(shapes.COLORS.values())  # background first
-        return cls(resolution=64, out_channels=len(palette), ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
-                   attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=256, quantizer="vector",
-                   norm_groups=1, palette=palette, encoder="patch")
-
-    @classmethod
-    def shapes_patterns(cls, patterns: int = 256) -> "VQGANConfig":
-        """The shapes-world tokenizer with colour-factored codes (PatternQuantizer): 64x64 -> 8x8
-        tokens, code = colour * patterns + pattern, over the world's 7-colour palette."""
-        palette = cls.shapes().palette
-        return cls(resolution=64, out_channels=len(palette), ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=0,
-                   attn_resolutions=(), z_channels=8, embed_dim=8, n_embed=len(palette) * patterns,
-                   quantizer="pattern", norm_groups=1, palette=palette, encoder="patch")
 
     @property
     def patterns(self) -> int:
@@ -277,7 +251,7 @@ class Encoder(nn.Module):
 class PatchEncoder(nn.Module):
     """An encoder whose token for a patch depends on that f x f patch of pixels and nothing else.
 
-    Not in taming; used by the shapes world. taming's encoder gives every token a receptive
+    Not in taming. taming's encoder gives every token a receptive
     field that spans its neighbours, so a black patch next to an object encodes that object's
     edge. Our first shapes tokenizer spent about 740 of its 1,024 codes on such black patches
     (token entropy 6.3 nats), and a generator must then guess among interchangeable background
@@ -410,14 +384,14 @@ class GumbelQuantizer(nn.Module):
 class PatternQuantizer(nn.Module):
     """Colour-factored codes for palette images: token = colour * patterns + pattern.
 
-    Not in taming; used by the shapes world. A learned codebook mixes colour and shape in
+    Not in taming. A learned codebook mixes colour and shape in
     every code, so the tokens of a purple triangle are codes no training image (which never
     holds one, SHAPES.md) ever produced: measured with the 1,024-code tokenizer, each of the
     160 novel evaluation images needs at least one code absent from 30,000 training images,
     and a generator cannot learn to emit a code it never saw. Here a token is two factors:
     the patch's colour (the most frequent non-background palette class, 0 for an empty
     patch) and its pattern, the nearest of `patterns` learned foreground masks (a k-means
-    codebook over f x f binary masks, trained by vqgan_shapes.train_patterns; entry 0 is the
+    codebook over f x f binary masks, fitted by k-means outside this file; entry 0 is the
     empty mask). Every colour combines with every pattern, so a purple triangle is made of
     a colour seen on circles and patterns seen in other colours.
     """
@@ -626,26 +600,12 @@ def load_state_strict(model: VQGAN, state: dict[str, torch.Tensor], source: str)
     model.load_state_dict(state, strict=True)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then os.replace, so readers never see half a file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_vqgan(model: VQGAN, out_dir: str | Path, extra: dict | None = None) -> None:
     """Write config.json (the VQGANConfig plus `extra`) and model.safetensors into out_dir, atomically."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    meta = {"model": "vqgan", "config": asdict(model.config), **(extra or {})}
-    atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(out_dir / CONFIG_NAME, {"model": "vqgan", "config": asdict(model.config), **(extra or {})})
 
 
 def load_vqgan(path: str | Path) -> VQGAN:
@@ -689,12 +649,6 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float images (B, 3, H, W) in [-1, 1] -> uint8 arrays (B, H, W, 3)."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def side_by_side(originals: np.ndarray, reconstructions: np.ndarray, scale: int = 1, columns: int = 8) -> Image.Image:
     """A sheet of (original | reconstruction) pairs, `columns` pairs per row."""
     b, h, w, _ = originals.shape
@@ -720,20 +674,9 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.out_dir}: {c.quantizer} VQGAN, f={c.downsample_factor}, {c.n_embed} codes")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise VQGANError(f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise VQGANError(f"{path} is not a readable image ({type(error).__name__})") from None
-
-
 def cmd_reconstruct(args) -> None:
     model = load_vqgan(args.checkpoint).to(args.device)
-    image = read_image(args.image)
+    image = open_image(args.image)
     if args.resize:
         image = image.resize((args.resize, args.resize), Image.BICUBIC)
     f = model.config.downsample_factor
@@ -745,34 +688,11 @@ def cmd_reconstruct(args) -> None:
         tokens = model.encode(batch)
         reconstruction = to_uint8(model.decode(tokens))
     sheet = side_by_side(to_uint8(batch), reconstruction, scale=args.scale, columns=1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
+    out = atomic_write(args.out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"wrote {out}: original | reconstruction from {tokens.shape[1]}x{tokens.shape[2]} tokens")
 
 
-def cmd_eval(args) -> None:
-    import vqgan_shapes
-    model = load_vqgan(args.checkpoint).to(args.device)
-    start = time.time()
-    render = {"align": args.align, "jitter": args.jitter}
-    report = vqgan_shapes.reconstruction_report(model, seeds=args.seeds, device=args.device, **render)
-    print(vqgan_shapes.format_report(report) + f"  ({time.time() - start:.1f} s)")
-    if args.unseen_codes:
-        r = vqgan_shapes.unseen_codes(model.cpu(), args.unseen_codes, seeds=args.seeds, **render)
-        print(f"{r['needing_unseen_code']} of {r['novel_images']} novel evaluation images need a code that none of "
-              f"{r['train_images']} training renders produce ({r['codes_seen_in_training']} codes seen)")
-
-
-def cmd_train(args) -> None:
-    if min(args.steps, args.batch_size, args.sample_every, args.checkpoint_every, args.restart_every) < 1:
-        raise VQGANError("--steps, --batch-size, --sample-every, --checkpoint-every and --restart-every must be positive")
-    import vqgan_shapes
-    vqgan_shapes.train(args)
-
-
 def main(argv=None) -> int:
-    from vqgan_shapes import EVAL_SEEDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -792,58 +712,10 @@ def main(argv=None) -> int:
     rec.add_argument("--device", default="cpu", help="torch device")
     rec.set_defaults(run=cmd_reconstruct)
 
-    ev = sub.add_parser("eval", help="shapes reconstruction pass rate and codebook usage", formatter_class=formatter)
-    ev.add_argument("--checkpoint", default="checkpoints/shapes/vqgan", help="VQGAN directory")
-    ev.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS), help="render seeds per evaluation caption")
-    ev.add_argument("--align", type=int, default=1, help="render objects with corners on multiples of this many px")
-    ev.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True, help="SHAPES.md's +-1 px size jitter")
-    ev.add_argument("--unseen-codes", type=int, default=0, metavar="N",
-                    help="also count the novel evaluation images that need a code absent from N training renders")
-    ev.add_argument("--device", default="cpu", help="torch device")
-    ev.set_defaults(run=cmd_eval)
-
-    tr = sub.add_parser("train", help="train the shapes-world VQGAN", formatter_class=formatter)
-    tr.add_argument("--out", default="checkpoints/shapes/vqgan", help="run directory: checkpoint, samples/, train state")
-    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint and train state in --out")
-    tr.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    tr.add_argument("--batch-size", type=int, default=16, help="images per step")
-    tr.add_argument("--lr", type=float, default=4e-3, help="peak Adam learning rate")
-    tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    tr.add_argument("--n-embed", type=int, default=VQGANConfig.shapes().n_embed, help="codebook size")
-    tr.add_argument("--encoder", choices=("patch", "taming"), default=VQGANConfig.shapes().encoder,
-                    help="patch: each token sees only its own patch (see PatchEncoder); taming: convolutional")
-    tr.add_argument("--embed-dim", type=int, default=VQGANConfig.shapes().embed_dim, help="codebook vector size")
-    tr.add_argument("--ch", type=int, default=VQGANConfig.shapes().ch, help="channels of the first level")
-    tr.add_argument("--ch-mult", type=int, nargs="+", default=list(VQGANConfig.shapes().ch_mult),
-                    help="channel multiplier per level; f = 2 ** (levels - 1)")
-    tr.add_argument("--num-res-blocks", type=int, default=VQGANConfig.shapes().num_res_blocks, help="ResNet blocks per level")
-    tr.add_argument("--z-channels", type=int, default=VQGANConfig.shapes().z_channels, help="encoder output channels")
-    tr.add_argument("--norm-groups", type=int, default=VQGANConfig.shapes().norm_groups, help="GroupNorm groups")
-    tr.add_argument("--palette", action=argparse.BooleanOptionalAction, default=True,
-                    help="decode to the shapes palette, trained with cross-entropy (see VQGAN.to_image)")
-    tr.add_argument("--patterns", type=int, default=0,
-                    help="> 0: a colour-factored tokenizer (PatternQuantizer) with this many masks per colour, "
-                         "fitted by k-means; the network options below are then unused")
-    tr.add_argument("--pattern-images", type=int, default=20_000, help="training renders whose patches the k-means fits")
-    tr.add_argument("--pattern-iterations", type=int, default=30, help="k-means (Lloyd) iterations")
-    tr.add_argument("--foreground-weight", type=float, default=4.0, help="extra loss weight on object pixels")
-    tr.add_argument("--edge-weight", type=float, default=8.0, help="extra loss weight on pixels next to an edge")
-    tr.add_argument("--restart-every", type=int, default=50, help="steps between dead-code restarts")
-    tr.add_argument("--sample-every", type=int, default=250, help="steps between reconstruction grids in OUT/samples")
-    tr.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    tr.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this many minutes; 0: no limit")
-    tr.add_argument("--eval-seeds", type=int, nargs="+", default=list(EVAL_SEEDS),
-                    help="render seeds per evaluation caption for the final report")
-    tr.add_argument("--seed", type=int, default=0, help="random seed (data and initialisation)")
-    tr.add_argument("--threads", type=int, default=1,
-                    help="CPU threads; 1 is fastest on a CPU shared with other jobs, 0 keeps torch's default")
-    tr.add_argument("--device", default="cpu", help="torch device")
-    tr.set_defaults(run=cmd_train)
-
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (VQGANError, OSError) as error:
+    except (VQGANError, FileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

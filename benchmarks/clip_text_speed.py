@@ -33,9 +33,10 @@ if str(ROOT) not in sys.path:  # `python benchmarks/clip_text_speed.py` puts ben
     sys.path.insert(0, str(ROOT))
 
 import shapes  # noqa: E402
-from clip_text import SHAPES_BPE_PATH, ClipTextError, TextConfig, TextEncoder, Tokenizer  # noqa: E402
+from clip_text import ClipTextError, TextConfig, TextEncoder, Tokenizer  # noqa: E402
+from shapes_tokenizers import SHAPES_BPE_PATH, text_config  # noqa: E402
 
-TOWERS = {"vit_l14": TextConfig.vit_l14, "vit_b32": TextConfig.vit_b32, "shapes": TextConfig.shapes}
+TOWERS = {"vit_l14": TextConfig.vit_l14, "vit_b32": TextConfig.vit_b32, "shapes": text_config}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTIONS = [  # varied lengths, as a batch of real prompts would be
     "a photo of a cat",

@@ -36,13 +36,11 @@ S = 1..n.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/latency.py` puts benchmarks/
 
 from clip_text import TextConfig  # noqa: E402
 from emage import Emage, EmageConfig, EmageError, sample_tokens  # noqa: E402
+from files import write_json  # noqa: E402
 
 PRESETS = ("shapes", "mid", "paper")
 LOOPS = ("t4", "t8", "t16", "t32", "full", "ar-kv", "ar")  # command-line names of the timed loops
@@ -403,15 +402,6 @@ def machine_description(device: torch.device) -> str:
     except (OSError, AttributeError):
         pass
     return f"{model}, {os.cpu_count()} logical CPUs"
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -3,7 +3,7 @@
 For each preset (random weights: the time does not depend on them) and batch, in one
 process and with the same number of threads, the full path caption -> tokenizer -> text
 encoder -> T rounds of mask-predict -> VQGAN decoder -> images runs through
-`sample.Pipeline` (PyTorch eager) and through `export_onnx.OnnxPipeline` (the exported
+`sample.Pipeline` (PyTorch eager) and through `sample.Pipeline.load_onnx` (the exported
 graphs on ONNX Runtime). A batch is `num_images` candidates of one caption (the paper draws
 16 per caption). The two backends alternate run by run, so a shared machine slows both
 alike; a time is the median of --repeats runs after one warm-up (a one-round pass through
@@ -15,16 +15,16 @@ a CDF boundary, which random weights over 8192 codes make common (see export_onn
     python benchmarks/onnx_vs_torch.py --presets paper --batches 1        # ~15 min on 2 shared CPU cores
     python benchmarks/onnx_vs_torch.py --presets paper --device cuda      # on a GPU machine
 
-Presets: "shapes" = EmageConfig.shapes() + VQGANConfig.shapes() (64x64 images, 8x8 tokens);
+Presets: "shapes" = EmageConfig.shapes() + shapes_tokenizers.vqgan_config() (64x64 images, 8x8 tokens);
 "paper" = EmageConfig.paper() + VQGANConfig.gumbel_f8_8192() (256x256, 32x32 tokens).
 Both read captions with the shapes vocabulary (any ids below the vocabulary size are valid
-for random weights). The graphs are exported into --work-dir (reused when already there).
+for random weights). The graphs are exported into --work-dir (reused when already there, replaced when
+they are an earlier export of other weights).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -42,11 +42,13 @@ if str(ROOT) not in sys.path:  # `python benchmarks/onnx_vs_torch.py` puts bench
 import clip_text  # noqa: E402
 import emage  # noqa: E402
 import export_onnx  # noqa: E402
+import files  # noqa: E402
 import sample  # noqa: E402
+import shapes_tokenizers  # noqa: E402
 import vqgan  # noqa: E402
 
 PRESETS = {
-    "shapes": (emage.EmageConfig.shapes, vqgan.VQGANConfig.shapes),
+    "shapes": (emage.EmageConfig.shapes, shapes_tokenizers.vqgan_config),
     "paper": (emage.EmageConfig.paper, vqgan.VQGANConfig.gumbel_f8_8192),
 }
 PROMPT = "a small red circle to the left of a large blue square"
@@ -68,14 +70,15 @@ def build(preset: str, work_dir: Path, device: str, threads: int, log):
     export_s = None
     if meta.get("config") != emage_config.to_dict() or meta.get("extra") != {"benchmark": preset}:
         started = time.perf_counter()
-        export_onnx.export(model, decoder, folder, tokenizer_path=clip_text.SHAPES_BPE_PATH, variant=3,
-                           extra={"benchmark": preset}, check_batch=1 if preset == "paper" else 3, log=log)
+        export_onnx.export(model, decoder, folder, tokenizer_path=shapes_tokenizers.SHAPES_BPE_PATH, variant=3,
+                           extra={"benchmark": preset}, check_batch=1 if preset == "paper" else 3, log=log,
+                           overwrite=True)  # only ever an earlier export: export_onnx refuses other folders
         export_s = time.perf_counter() - started
     torch_device = torch.device(device)
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tokenizer = clip_text.Tokenizer(shapes_tokenizers.SHAPES_BPE_PATH)
     torch_pipe = sample.Pipeline(model.to(torch_device), decoder.to(torch_device), tokenizer,
                                  {"variant": 3, "extra": {}}, folder, torch_device)
-    onnx_pipe = export_onnx.OnnxPipeline.load(folder, device, threads=threads)
+    onnx_pipe = sample.Pipeline.load_onnx(folder, device, threads=threads)
     return torch_pipe, onnx_pipe, export_s
 
 
@@ -167,10 +170,7 @@ def main(argv=None) -> int:
                   "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                   "load_average": os.getloadavg(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                   "opset": export_onnx.OPSET, "exporter": export_onnx.EXPORTER, "results": results}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        files.write_json(args.json, report)
     return 0
 
 

@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/train_speed.py` puts benchma
 import data  # noqa: E402
 import train  # noqa: E402
 from benchmarks.latency import decoder_flops, matmul_peak, text_flops  # noqa: E402
+from shapes_tokenizers import SHAPES_BPE_PATH  # noqa: E402
 from emage import EmageConfig, parse_variant  # noqa: E402
 
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         shards = tmp / "tokens"
         synthetic_shards(shards, config, max(4 * batch, 256))
-        bpe = [] if args.preset == "shapes" else ["--bpe", str(train.SHAPES_BPE_PATH)]  # vocabulary size barely matters
+        bpe = [] if args.preset == "shapes" else ["--bpe", str(SHAPES_BPE_PATH)]  # vocabulary size barely matters
         steps = args.warmup + args.steps
         code = train.main(["--preset", args.preset, "--variant", str(variant), "--data", str(shards), "--out", str(tmp / "run"),
                            "--steps", str(steps), "--batch-size", str(batch), "--grad-accum", str(args.grad_accum),

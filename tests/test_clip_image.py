@@ -12,9 +12,10 @@ import torch.nn.functional as F
 import clip_image
 import clip_text
 import shapes
+from shapes_tokenizers import SHAPES_BPE_PATH, SHAPES_VOCAB_SIZE
 
 TINY = clip_image.VisionConfig(image_size=32, patch_size=8, width=32, heads=2, layers=2, embed_dim=16)
-TEXT = clip_text.TextConfig(vocab_size=clip_text.SHAPES_VOCAB_SIZE, context_length=16, width=32, heads=2, layers=1,
+TEXT = clip_text.TextConfig(vocab_size=SHAPES_VOCAB_SIZE, context_length=16, width=32, heads=2, layers=1,
                             embed_dim=16)
 
 
@@ -78,8 +79,8 @@ def test_preprocess_normalises_and_resizes_shorter_side_then_crops():
 def test_native_round_trip_and_reranker_is_cosine_similarity(tmp_path):
     torch.manual_seed(1)
     model = clip_image.CLIP(TEXT, TINY)
-    clip_image.save_clip(model, tmp_path / "clip", clip_text.SHAPES_BPE_PATH)
-    assert (tmp_path / "clip" / clip_text.SHAPES_BPE_PATH.name).is_file()
+    clip_image.save_clip(model, tmp_path / "clip", SHAPES_BPE_PATH)
+    assert (tmp_path / "clip" / SHAPES_BPE_PATH.name).is_file()
     reranker = clip_image.load_reranker(tmp_path / "clip")
     loaded = reranker.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
@@ -87,7 +88,7 @@ def test_native_round_trip_and_reranker_is_cosine_similarity(tmp_path):
     candidates = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g).numpy()
     caption = "a red circle above a blue square"
     scores = reranker(candidates, caption)
-    tokens = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)([caption], context_length=16)
+    tokens = clip_text.Tokenizer(SHAPES_BPE_PATH)([caption], context_length=16)
     with torch.no_grad():
         image = model.visual(clip_image.preprocess(candidates, 32))[1]
         text = model.text(tokens)[1]
@@ -103,7 +104,7 @@ def test_native_round_trip_and_reranker_is_cosine_similarity(tmp_path):
 
 
 def test_mismatched_weights_are_refused(tmp_path):
-    clip_image.save_clip(clip_image.CLIP(TEXT, TINY), tmp_path, clip_text.SHAPES_BPE_PATH)
+    clip_image.save_clip(clip_image.CLIP(TEXT, TINY), tmp_path, SHAPES_BPE_PATH)
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["vision"]["layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(meta))
@@ -146,6 +147,28 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert clip_image.main(["score", "x.png", "--caption", "a red circle", "--clip", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # read with files.open_image
+    assert clip_image.main(["score", str(tmp_path / "broken.png"), "--caption", "a red circle",
+                            "--clip", str(clip_image.SHAPES_CLIP)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a readable image" in err and err.count("\n") == 1
+
+
+def test_train_shapes_never_replaces_a_checkpoint_without_overwrite(tmp_path, capsys, monkeypatch):
+    before = {p.name: p.read_bytes() for p in clip_image.SHAPES_CLIP.iterdir()}
+    assert clip_image.main(["train-shapes", "--out", str(clip_image.SHAPES_CLIP), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in clip_image.SHAPES_CLIP.iterdir()} == before  # the shipped one
+    monkeypatch.chdir(tmp_path)  # the default --out: runs/shapes-clip under the working directory
+    quick = ["train-shapes", "--steps", "1", "--batch-size", "4"]
+    assert clip_image.main(quick) == 0
+    out = tmp_path / "runs" / "shapes-clip"
+    first = (out / "model.safetensors").read_bytes()
+    assert clip_image.main([*quick, "--seed", "1"]) == 1 and (out / "model.safetensors").read_bytes() == first
+    assert clip_image.main([*quick, "--seed", "1", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != first
+    assert json.loads((out / "config.json").read_text())["training"]["seed"] == 1
 
 
 def test_committed_shapes_clip_reproduces_its_recorded_evaluation():

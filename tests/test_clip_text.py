@@ -1,18 +1,16 @@
-"""clip_text on its own: tokenizer invariants, the BPE learner, the encoder's CLIP semantics,
-checkpoint round trips and the command line. Parity with reference implementations is in
-test_clip_text_oracle.py."""
+"""clip_text on its own: tokenizer invariants, the encoder's CLIP semantics, checkpoint round
+trips and the command line, with the shapes vocabulary as test data. Parity with reference
+implementations is in test_clip_text_oracle.py; the BPE learner and the shapes vocabulary's
+contract are in test_shapes_tokenizers.py."""
 import dataclasses
-import gzip
 import json
-import random
-import string
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import clip_text
-import shapes
+from shapes_tokenizers import SHAPES_BPE_PATH, text_config
 
 TINY = clip_text.TextConfig(vocab_size=600, context_length=16, width=64, heads=2, layers=2, embed_dim=32)
 
@@ -30,7 +28,7 @@ def random_tokens(config: clip_text.TextConfig, lengths: list[int], seed: int = 
 
 @pytest.fixture(scope="module")
 def shapes_tokenizer():
-    return clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    return clip_text.Tokenizer(SHAPES_BPE_PATH)
 
 
 # ---- tokenizer ------------------------------------------------------------------------
@@ -41,25 +39,6 @@ def test_byte_map_is_a_bijection_onto_printable_non_space_characters():
     assert len(set(chars)) == 256
     assert all(c.isprintable() and not c.isspace() for c in chars)
     assert all(clip_text.CHAR_TO_BYTE[clip_text.BYTE_TO_CHAR[b]] == b for b in range(256))
-
-
-def test_shapes_vocabulary_matches_preset_and_makes_every_grammar_word_one_token(shapes_tokenizer):
-    assert shapes_tokenizer.vocab_size == clip_text.SHAPES_VOCAB_SIZE == clip_text.TextConfig.shapes().vocab_size
-    words = {"a", "small", "large", "to", "the", "left", "right", "of", "above", "below",
-             *shapes.COLORS, *shapes.SHAPES}
-    for word in words:
-        assert len(shapes_tokenizer.encode(word)) == 1, word
-    caption = "a small red circle to the left of a large blue square"
-    assert len(shapes_tokenizer.encode(caption)) == len(caption.split()) == 12
-    assert shapes_tokenizer.decode(shapes_tokenizer.encode("  A Small RED circle  ")) == "a small red circle "
-
-
-def test_shapes_vocabulary_is_reproduced_by_learn_bpe(tmp_path):
-    rng = random.Random(0)  # the defaults of `python clip_text.py learn-bpe`
-    texts = [shapes.sample_caption(rng, "train") for _ in range(20000)]
-    size = clip_text.learn_bpe(texts, 1024, tmp_path / "bpe.txt.gz")
-    assert size == clip_text.SHAPES_VOCAB_SIZE
-    assert (tmp_path / "bpe.txt.gz").read_bytes() == clip_text.SHAPES_BPE_PATH.read_bytes()
 
 
 def test_batch_layout_start_end_padding(shapes_tokenizer):
@@ -75,7 +54,7 @@ def test_batch_layout_start_end_padding(shapes_tokenizer):
 
 
 def test_truncation_keeps_the_end_token_and_warns_once(recwarn):
-    tok = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tok = clip_text.Tokenizer(SHAPES_BPE_PATH)
     long = " ".join(["red"] * 40)
     with pytest.warns(UserWarning, match="cut to 8"):
         batch = tok([long, "a red circle"], context_length=8)
@@ -101,37 +80,9 @@ def test_clean_text_follows_clip():
     assert clip_text.clean_text("  Caf\u00c3\u00a9 &amp;amp;\t\nNEW\u3000york ") == "café & new york"
 
 
-def test_learn_bpe_file_format_and_early_stop(tmp_path):
-    texts = ["low lower lowest", "newer newest", "low low low"]
-    size = clip_text.learn_bpe(texts, 518, tmp_path / "v.txt")
-    lines = (tmp_path / "v.txt").read_text().splitlines()
-    assert lines[0].startswith("#version") and len(lines) - 1 == size - 514 == 4
-    assert lines[1:3] == ["l o", "lo w</w>"]  # most frequent first: "low" is 4 of the 9 words
-    tok = clip_text.Tokenizer(tmp_path / "v.txt")  # plain text works as well as gzip
-    assert tok.vocab_size == 518 and tok.eot_id == 517
-    # Stops once every word is one symbol.
-    full = clip_text.learn_bpe(texts, 10_000, tmp_path / "full.txt.gz")
-    tok = clip_text.Tokenizer(tmp_path / "full.txt.gz")
-    assert full == tok.vocab_size < 10_000
-    for word in ["low", "lower", "lowest", "newer", "newest"]:
-        assert len(tok.encode(word)) == 1
-    assert gzip.decompress((tmp_path / "full.txt.gz").read_bytes()).startswith(b"#version")
-    with pytest.raises(clip_text.ClipTextError, match="514"):
-        clip_text.learn_bpe(texts, 100, tmp_path / "x.txt")
-
-
-def test_learned_bpe_round_trips_random_text(tmp_path):
-    rng = random.Random(0)
-    corpus = ["".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(60)) for _ in range(50)]
-    clip_text.learn_bpe(corpus, 700, tmp_path / "v.txt.gz")
-    tok = clip_text.Tokenizer(tmp_path / "v.txt.gz")
-    for text in corpus[:10]:
-        assert tok.decode(tok.encode(text)) == " ".join(text.split()) + " "
-
-
 def test_find_bpe_sources(monkeypatch, tmp_path):
-    monkeypatch.setenv(clip_text.BPE_ENV, str(clip_text.SHAPES_BPE_PATH))
-    assert clip_text.find_bpe() == clip_text.SHAPES_BPE_PATH
+    monkeypatch.setenv(clip_text.BPE_ENV, str(SHAPES_BPE_PATH))
+    assert clip_text.find_bpe() == SHAPES_BPE_PATH
     (tmp_path / "v.txt").write_text("#version: 0.2\n")
     assert clip_text.find_bpe(tmp_path / "v.txt") == tmp_path / "v.txt"  # an explicit path comes first
     with pytest.raises(clip_text.ClipTextError, match="not a file"):
@@ -158,10 +109,9 @@ def test_malformed_vocabulary_is_a_clear_error(tmp_path):
 
 
 def test_presets():
-    b32, l14, small = clip_text.TextConfig.vit_b32(), clip_text.TextConfig.vit_l14(), clip_text.TextConfig.shapes()
+    b32, l14 = clip_text.TextConfig.vit_b32(), clip_text.TextConfig.vit_l14()
     assert (b32.width, b32.heads, b32.layers, b32.embed_dim, b32.vocab_size) == (512, 8, 12, 512, 49408)
     assert (l14.width, l14.heads, l14.layers, l14.embed_dim, l14.context_length) == (768, 12, 12, 768, 77)
-    assert (small.context_length, small.width, small.heads, small.layers, small.embed_dim) == (24, 128, 4, 3, 128)
     assert sum(p.numel() for p in clip_text.TextEncoder(b32).parameters()) == 63_428_096  # CLIP B/32 text tower
     with pytest.raises(clip_text.ClipTextError, match="divisible"):
         clip_text.TextEncoder(clip_text.TextConfig(width=100, heads=3))
@@ -337,16 +287,16 @@ def test_torchscript_archive_needs_explicit_trust(tmp_path):
 
 def test_cli_convert_encode_and_errors(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
-    model = clip_text.TextEncoder(clip_text.TextConfig.shapes()).eval()
+    model = clip_text.TextEncoder(text_config()).eval()
     save_file(openai_state(model), str(tmp_path / "openai.safetensors"))
     clip_text.main(["convert", str(tmp_path / "openai.safetensors"), str(tmp_path / "native")])
     assert clip_text.load_clip_text(tmp_path / "native").config.heads == 2  # derived: 128 // 64
     clip_text.save_clip_text(model, tmp_path / "shapes")
     capsys.readouterr()
-    clip_text.main(["encode", "--checkpoint", str(tmp_path / "shapes"), "--bpe", str(clip_text.SHAPES_BPE_PATH),
+    clip_text.main(["encode", "--checkpoint", str(tmp_path / "shapes"), "--bpe", str(SHAPES_BPE_PATH),
                     "a red circle"])
     out = capsys.readouterr().out
-    tok = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tok = clip_text.Tokenizer(SHAPES_BPE_PATH)
     ids = [tok.sot_id, *tok.encode("a red circle"), tok.eot_id]
     assert f"ids: {ids}" in out
     with torch.no_grad():

@@ -1,18 +1,16 @@
-"""The colour-factored shapes tokenizer (vqgan.PatternQuantizer), the generator's factored
-embedding and head (emage.FactoredEmbedding / FactoredHead), and grid-aligned renders."""
+"""The colour-factored shapes tokenizer (vqgan.PatternQuantizer, fitted by shapes_tokenizers)
+and grid-aligned renders. The generator's factored embedding and head: test_extensions.py."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-import clip_text
-import emage
-import export_onnx
+import data
+import files
 import shapes
+import shapes_tokenizers
 import vqgan
-import vqgan_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = ROOT / "checkpoints" / "shapes" / "patterns"
@@ -20,26 +18,26 @@ PATTERNS = ROOT / "checkpoints" / "shapes" / "patterns"
 
 def palette_image(classes: np.ndarray) -> torch.Tensor:
     """Palette class map (H, W) -> image (1, 3, H, W) in [-1, 1] with the shapes palette."""
-    palette = np.array(vqgan.VQGANConfig.shapes().palette, dtype=np.float32)
+    palette = np.array(shapes_tokenizers.vqgan_config().palette, dtype=np.float32)
     return torch.from_numpy(palette[classes] / 127.5 - 1).permute(2, 0, 1)[None]
 
 
 def test_kmeans_is_exact_when_every_mask_has_a_centroid():
     masks = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
-    table, wrong = vqgan_shapes.kmeans_patterns(masks, torch.tensor([5, 1, 2]), 4, 5, torch.Generator().manual_seed(0))
+    table, wrong = shapes_tokenizers.kmeans_patterns(masks, torch.tensor([5, 1, 2]), 4, 5, torch.Generator().manual_seed(0))
     assert table.shape == (4, 4) and torch.equal(table[0], torch.zeros(4))  # row 0: the empty mask
     assert wrong == 0.0 and {tuple(r) for r in table[1:].tolist()} == {tuple(m) for m in masks.float().tolist()}
 
 
 def test_kmeans_weights_masks_by_their_count():
     masks = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
-    table, wrong = vqgan_shapes.kmeans_patterns(masks, torch.tensor([9, 1]), 2, 5, torch.Generator().manual_seed(0))
+    table, wrong = shapes_tokenizers.kmeans_patterns(masks, torch.tensor([9, 1]), 2, 5, torch.Generator().manual_seed(0))
     assert torch.allclose(table[1], torch.tensor([1.0, 1.0, 1.0, 0.9]))  # the weighted mean
     assert wrong == pytest.approx(0.1)  # the rare mask decodes as the common one: 1 pixel, 1 time in 10
 
 
 def fitted_quantizer(masks: list[np.ndarray]) -> vqgan.VQGAN:
-    model = vqgan.VQGAN(vqgan.VQGANConfig.shapes_patterns(patterns=len(masks) + 1))
+    model = vqgan.VQGAN(shapes_tokenizers.patterns_config(patterns=len(masks) + 1))
     model.quantize.masks[1:] = torch.from_numpy(np.stack([m.reshape(-1) for m in masks])).float()
     return model
 
@@ -72,7 +70,7 @@ def test_every_colour_combines_with_every_pattern():
     P = model.config.patterns
     purple = list(shapes.COLORS).index("purple") + 1
     recoloured = torch.where(tokens > 0, purple * P + tokens % P, tokens)
-    image = vqgan.to_uint8(model.decode(recoloured))[0]
+    image = files.to_uint8(model.decode(recoloured))[0]
     assert shapes.score(image, "a purple triangle") and not shapes.score(image, "a red triangle")
 
 
@@ -82,7 +80,7 @@ def test_committed_pattern_tokenizer_reconstructs_eval_images(align, minimum):
     model = vqgan.load_vqgan(PATTERNS)
     captions = shapes.eval_captions()
     images = np.stack([np.asarray(shapes.render(c, 0, align)) for c in captions])
-    decoded = vqgan.to_uint8(model.decode(model.encode(vqgan.to_tensor(images))))
+    decoded = files.to_uint8(model.decode(model.encode(vqgan.to_tensor(images))))
     rate = np.mean([shapes.score(im, c) for im, c in zip(decoded, captions)])
     assert rate >= minimum
 
@@ -109,66 +107,7 @@ def test_renders_without_jitter_have_the_exact_sizes():
     assert len(jittered) > 1  # the default keeps SHAPES.md's jitter
 
 
-def factored_model(colours=7, patterns=5, codebook_size=None):
-    torch.manual_seed(0)
-    text = clip_text.TextConfig(vocab_size=clip_text.SHAPES_VOCAB_SIZE, context_length=24, width=32, heads=2,
-                                layers=1, embed_dim=32)
-    config = emage.EmageConfig(text=text, codebook_size=codebook_size or colours * patterns, grid=(4, 4), width=32,
-                               layers=2, heads=2, colours=colours)
-    return emage.Emage(config, variant=3)
-
-
-def test_factored_head_is_a_product_of_two_distributions():
-    head = emage.FactoredHead(16, 3, 4)
-    x = torch.randn(2, 5, 16)
-    logp = head(x).log_softmax(-1).view(2, 5, 3, 4)
-    colour, pattern = head.proj(x).split([3, 4], -1)
-    expected = colour.log_softmax(-1)[..., :, None] + pattern.log_softmax(-1)[..., None, :]
-    assert torch.allclose(logp, expected, atol=1e-6)
-
-
-def test_factored_embedding_sums_colour_and_pattern_and_keeps_mask_apart():
-    embed = emage.FactoredEmbedding(3, 4, 8)
-    table = embed.weight  # (13, 8)
-    for k in range(12):
-        assert torch.allclose(table[k], embed.colour.weight[k // 4] + embed.pattern.weight[k % 4])
-    assert torch.allclose(table[12], embed.colour.weight[3] + embed.pattern.weight[4])  # [mask]
-    tokens = torch.tensor([[0, 5, 12]])
-    assert torch.equal(embed(tokens), table[tokens])
-
-
-def test_factored_model_trains_generates_and_round_trips(tmp_path):
-    model = factored_model()
-    text = torch.randint(1, 50, (3, 24))
-    image_tokens = torch.randint(0, model.config.codebook_size, (3, 16))
-    loss = model.loss(text, image_tokens, 3, generator=torch.Generator().manual_seed(0))
-    loss.backward()
-    assert model.tok_emb.colour.weight.grad is not None and model.head.proj.weight.grad is not None
-    tokens = model.eval().generate(text, steps=4, generator=torch.Generator().manual_seed(1))
-    assert tokens.shape == (3, 16) and tokens.max() < model.config.codebook_size
-    emage.save_checkpoint(model, tmp_path / "ckpt", variant=3, step=1, tokenizer_path=clip_text.SHAPES_BPE_PATH,
-                          vqgan_dir=tmp_path)
-    loaded, _ = emage.load_checkpoint(tmp_path / "ckpt")
-    assert loaded.config.colours == 7
-    again = loaded.generate(text, steps=4, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(tokens, again)
-
-
-def test_factored_config_must_divide_the_codebook():
-    with pytest.raises(emage.EmageError, match="colours"):
-        factored_model(colours=7, patterns=5, codebook_size=36)
-
-
-def test_factored_model_and_pattern_decoder_export_to_onnx(tmp_path):
-    decoder = fitted_quantizer([np.ones((8, 8), dtype=bool)])  # 7 colours x 2 patterns
-    model = factored_model(patterns=2).eval()
-    export_onnx.export_graphs(model, decoder, tmp_path)
-    diffs = export_onnx.check_graphs(model, decoder, tmp_path)
-    assert max(diffs.values()) <= export_onnx.TOLERANCE
-
-
 def test_shapes_source_records_its_alignment():
-    import data
     assert data.ShapesSource(5, seed=1).description == "shapes(num=5, seed=1)"
     assert data.ShapesSource(5, seed=1, align=8).description == "shapes(num=5, seed=1, align=8)"
     assert data.ShapesSource(5, seed=1, align=8, jitter=False).description == "shapes(num=5, seed=1, align=8, jitter=False)"
@@ -180,6 +119,6 @@ def test_held_out_pairs_need_codes_that_training_renders_never_produce():
     """Every novel evaluation image holds a held-out pair, whose colour-pattern codes the
     train split (which excludes those pairs) can never produce."""
     model = vqgan.load_vqgan(PATTERNS)
-    report = vqgan_shapes.unseen_codes(model, 300, seeds=(0,), align=8, jitter=False)
+    report = shapes_tokenizers.unseen_codes(model, 300, seeds=(0,), align=8, jitter=False)
     assert report["needing_unseen_code"] == report["novel_images"] == 80
     assert 20 < report["codes_seen_in_training"] < model.config.n_embed
