@@ -646,16 +646,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-# SHAPES_BPE_PATH moved to shapes_tokenizers.py; it stays reachable here until train.py imports it
-# from there (resolved on first use, because shapes_tokenizers imports this file).
-_MOVED_TO_SHAPES_TOKENIZERS = ("SHAPES_BPE_PATH",)
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_SHAPES_TOKENIZERS:
-        import shapes_tokenizers
-
-        return getattr(shapes_tokenizers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

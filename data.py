@@ -33,20 +33,20 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import io
 import json
 import os
 import random
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+import shapes
 import vqgan
+from files import MAX_IMAGE_BYTES, FileError, atomic_write, center_crop_resize, open_image, write_json
 
 FORMAT = "emage-token-shards"  # meta.json "format"; bump VERSION when the layout changes
 VERSION = 1
@@ -75,8 +75,6 @@ def shapes_example(seed: int, index: int, align: int = 1, jitter: bool = True):
     of the grammar: no held-out colour-shape pair and no two-object evaluation caption
     (shapes.sample_caption); the `is_novel` check below makes the first guarantee local.
     """
-    import shapes
-
     rng = random.Random(seed * 2**40 + index)
     while True:
         caption = shapes.sample_caption(rng, "train")
@@ -105,8 +103,8 @@ class ShapesStream:
 # Image-caption sources for `prepare`
 # ----------------------------------------------------------------------------------------
 # A source yields items (key, load) in a fixed order. Nothing is read until `load()` is
-# called; it returns (caption or None, open_image) and `open_image()` returns a PIL image
-# or raises on a broken file. Skipping an item (another rank's shard, a finished shard)
+# called; it returns (caption or None, read) and `read()` returns a PIL image (files.open_image:
+# bounded, RGB) or raises on a broken file. Skipping an item (another rank's shard, a finished shard)
 # therefore costs nothing.
 
 
@@ -158,7 +156,7 @@ class FolderSource:
     def items(self):
         for path in self.paths:
             key = path.relative_to(self.root).with_suffix("").as_posix()
-            yield key, (lambda path=path: (_read_caption(path.with_suffix(".txt")), lambda: Image.open(path)))
+            yield key, (lambda path=path: (_read_caption(path.with_suffix(".txt")), lambda: open_image(path)))
 
 
 def _tar_key(name: str) -> tuple[str, str]:
@@ -189,7 +187,14 @@ class TarSource:
                 caption = None
         if image is None:
             return caption, lambda: None
-        return caption, lambda: Image.open(io.BytesIO(tar.extractfile(image).read()))
+
+        def read():
+            name = f"{tar.name}:{image.name}"
+            if image.size > MAX_IMAGE_BYTES:  # checked before the member is read into memory
+                raise FileError(f"{name} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+            return open_image(tar.extractfile(image).read(), name)
+
+        return caption, read
 
     def items(self):
         """Reads headers only while iterating; `load` seeks back to the members it needs."""
@@ -236,18 +241,6 @@ def open_source(spec: str, num: int = 0, seed: int = 0):
 # ----------------------------------------------------------------------------------------
 
 
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """RGB, the largest centred square, resized to size x size (bicubic; no-op at the right size)."""
-    image = image.convert("RGB")
-    w, h = image.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    image = image.crop((left, top, left + s, top + s))
-    if s != size:
-        image = image.resize((size, size), Image.BICUBIC)
-    return image
-
-
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float tensor [3, H, W] in [-1, 1], the VQGAN's input range."""
     array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
@@ -256,17 +249,17 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def load_example(load, size: int):
     """Run an item's `load` and preprocess: (caption, image), the caption None when there is
-    none, the image None when it is missing, unreadable or truncated."""
-    caption, open_image = load()
+    none, the image None when it is missing, unreadable, truncated or too large (files.FileError)."""
+    caption, read = load()
     if caption is None:
         return None, None
     try:
-        image = open_image()
+        image = read()
         if image is None:
             return caption, None
-        image.load()  # PIL decodes lazily: a file truncated after its header fails only here
-        return caption, center_crop_resize(image, size)
-    except (OSError, tarfile.TarError, ValueError, SyntaxError, Image.DecompressionBombError):
+        image.load()  # a source's lazy PIL image: a file truncated after its header fails only here
+        return caption, center_crop_resize(image.convert("RGB"), size)
+    except (FileError, OSError, tarfile.TarError, ValueError, SyntaxError, Image.DecompressionBombError):
         return caption, None
 
 
@@ -275,21 +268,9 @@ def load_example(load, size: int):
 # ----------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then os.replace (never a half file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+def _save_npy(path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a name
+        np.save(f, array)
 
 
 def shard_name(kind: str, k: int) -> str:
@@ -302,10 +283,10 @@ def write_shard(out_dir, k: int, keys, captions, codes: np.ndarray, skipped: dic
     codes = np.ascontiguousarray(codes, dtype=np.uint16)
     if codes.ndim != 2 or len(codes) != len(captions) or len(keys) != len(captions):
         raise ValueError(f"shard {k}: {len(keys)} keys, {len(captions)} captions, codes {codes.shape}")
-    _atomic_write(out / shard_name("tokens", k), lambda tmp: np.save(open(tmp, "wb"), codes))
+    atomic_write(out / shard_name("tokens", k), lambda tmp: _save_npy(tmp, codes))
     lines = "".join(json.dumps({"key": key, "caption": c}, ensure_ascii=False) + "\n" for key, c in zip(keys, captions))
-    _atomic_write(out / shard_name("captions", k), lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
-    _write_json(out / shard_name("done", k), {"count": len(captions), "skipped": skipped})
+    atomic_write(out / shard_name("captions", k), lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    write_json(out / shard_name("done", k), {"count": len(captions), "skipped": skipped})
 
 
 def _file_digest(path: Path) -> str:
@@ -425,7 +406,7 @@ def _check_or_claim(out: Path, header: dict) -> None:
                 raise DataError(f"{out} holds shards prepared with another {field} ({previous.get(field)!r}); "
                                 f"choose a new --out or delete it")
         return
-    _write_json(claim, header)
+    write_json(claim, header)
 
 
 def _finish(out: Path, header: dict, num_shards: int) -> dict:
@@ -440,7 +421,7 @@ def _finish(out: Path, header: dict, num_shards: int) -> dict:
         for reason, count in info["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + count
     meta = dict(header, shards=shards, num_examples=sum(s["count"] for s in shards), skipped=skipped)
-    _write_json(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
     return meta
 
 

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from files import FileError, open_image
+
 IMAGE_SIZE = 64
 COLORS = {  # exact RGB used when rendering (SHAPES.md, Palette)
     "red": (230, 40, 40),
@@ -398,7 +400,7 @@ class ScoreResult:
 
 def _as_array(image) -> np.ndarray:
     if isinstance(image, (str, Path)):
-        image = Image.open(image)
+        image = open_image(image)  # bounded; an unreadable file is a files.FileError
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
@@ -585,7 +587,7 @@ def main(argv=None) -> int:
         parser.error("--n, --cols and --scale must be positive")
     try:
         args.run(args)
-    except (ShapesError, OSError) as error:
+    except (ShapesError, FileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

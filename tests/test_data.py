@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import files
 import shapes
 import vqgan
 
@@ -36,7 +37,7 @@ def tiny_vqgan(path):
 
 
 def expected_codes(model, image, size=32):
-    x = data.image_to_tensor(data.center_crop_resize(image, size))[None]
+    x = data.image_to_tensor(files.center_crop_resize(image.convert("RGB"), size))[None]
     return model.encode(x).reshape(-1).numpy()
 
 
@@ -140,6 +141,38 @@ def test_prepare_round_trips_images_and_captions_and_skips_broken_files(image_se
         np.testing.assert_array_equal(got[caption], expected_codes(model, image))
     captions, codes = shards.batch([0, 5])
     assert codes.dtype == torch.int64 and codes.shape == (2, 16) and len(captions) == 2
+
+
+def test_images_over_the_size_limit_are_skipped_as_unreadable(tmp_path):
+    """Folder and tar items are read with files.open_image: an image claiming more than
+    files.MAX_IMAGE_PIXELS is refused from its header (a FileError) and skipped like a broken file."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.new("1", (9000, 8000)).save(folder / "big.png")  # 72 MP in a small file
+    (folder / "big.txt").write_text("a red circle")
+    ((key, load),) = data.FolderSource(folder).items()
+    assert key == "big" and data.load_example(load, 32) == ("a red circle", None)
+    with tarfile.open(tmp_path / "big.tar", "w") as tar:
+        tar.add(folder / "big.png", "00000/big.png")
+        tar.add(folder / "big.txt", "00000/big.txt")
+    keys = []
+    for key, load in data.TarSource([tmp_path / "big.tar"]).items():  # the tar is open while iterating
+        keys.append(key)
+        with pytest.raises(files.FileError, match="over the limit"):
+            load()[1]()
+        assert data.load_example(load, 32) == ("a red circle", None)
+    assert keys == ["big/00000/big"]
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    ok, = [load for _, load in data.FolderSource(_write(tmp_path / "ok", image, "a red square")).items()]
+    caption, crop = data.load_example(ok, 16)
+    assert caption == "a red square" and crop.size == (16, 16) and crop.getpixel((8, 8)) == (200, 10, 10)
+
+
+def _write(folder, image, caption):
+    folder.mkdir()
+    image.save(folder / "x.png")
+    (folder / "x.txt").write_text(caption)
+    return folder
 
 
 def test_prepare_resumes_from_the_first_incomplete_shard(vq, tmp_path):

@@ -253,3 +253,19 @@ def test_score_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seen: 0.500 (n=2)" in out and "novel: 1.000 (n=2)" in out
     assert shapes.main(["score", str(tmp_path / "missing")]) == 1
+
+
+def test_score_reads_user_files_bounded_and_fails_in_one_line(tmp_path, capsys):
+    """A path handed to the scorer is read with files.open_image: an image over the pixel limit is
+    refused from its header, and `shapes.py score` reports it in one line."""
+    import files
+
+    Image.new("1", (9000, 8000)).save(tmp_path / "huge.png")  # 72 MP, a small file
+    (tmp_path / "huge.json").write_text(json.dumps({"caption": "a red circle"}))
+    with pytest.raises(files.FileError, match="over the limit"):
+        shapes.score(tmp_path / "huge.png", "a red circle")
+    assert shapes.main(["score", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "huge.png" in err and err.count("\n") == 1
+    shapes.render("a red circle", 0).save(tmp_path / "ok.png")
+    assert shapes.score(tmp_path / "ok.png", "a red circle") and not shapes.score(tmp_path / "ok.png", "a blue circle")
