@@ -5,7 +5,7 @@
 
 rerank: every evaluation caption (or every --every-th) gets max(--candidates) candidates
 per seed from one generate call (eval_fid.generate_scored); for each C the first C
-candidates are re-ranked twice, by the generator's own `Emage.self_score` (sample.py's
+candidates are re-ranked twice, by the generator's own `extensions.self_score` (sample.py's
 default) and by the shapes CLIP (`clip_image.load_reranker`, the paper's protocol), and
 the best one is scored by `shapes.score` (SHAPES.md). The same draws serve every C and
 both re-rankers, so the columns differ only by re-ranking. "any of C" is the upper bound
