@@ -15,8 +15,13 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+import clip_text
+import emage
 import eval_fid
+import extensions
 import inception as inception_net  # the module; `inception` is a fixture below
+import shapes_tokenizers
+import vqgan
 from eval_fid import FIDError, frechet_distance
 
 
@@ -396,20 +401,16 @@ def test_cli_errors_are_one_line(tmp_path, weights, cheap_features, capsys, args
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    import clip_text
-    import emage
-    import vqgan
-
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    vqgan.save_vqgan(vqgan.VQGAN(vqgan.VQGANConfig.shapes()), root / "vqgan")
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    vqgan.save_vqgan(vqgan.VQGAN(shapes_tokenizers.vqgan_config()), root / "vqgan")
+    tokenizer = clip_text.Tokenizer(shapes_tokenizers.SHAPES_BPE_PATH)
     text = clip_text.TextConfig(vocab_size=tokenizer.vocab_size, context_length=24, width=32, heads=2, layers=1,
                                 embed_dim=32)
-    config = emage.EmageConfig(text=text, codebook_size=vqgan.VQGANConfig.shapes().n_embed, grid=(8, 8), width=32,
-                               layers=1, heads=2)
+    config = emage.EmageConfig(text=text, codebook_size=shapes_tokenizers.vqgan_config().n_embed, grid=(8, 8),
+                               width=32, layers=1, heads=2)
     emage.save_checkpoint(emage.Emage(config), root / "emage", variant=3, step=7,
-                          tokenizer_path=clip_text.SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
+                          tokenizer_path=shapes_tokenizers.SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
     return root / "emage"
 
 
@@ -548,11 +549,11 @@ def test_generate_scored_returns_the_self_score_of_every_candidate(tiny_checkpoi
     text = tokenize(captions).repeat_interleave(3, 0)
     tokens = model.generate(tokenize(captions), num_candidates=3, generator=again, steps=2)
     contrast = tokenize(["a red circle", "a blue square below a red circle"]).repeat_interleave(3, 0)
-    expected = model.self_score(text, tokens, generator=again, contrast_tokens=contrast)
+    expected = extensions.self_score(model, text, tokens, generator=again, contrast_tokens=contrast)
     assert images.shape[0] == 6 and np.allclose(scores, expected.numpy(), atol=1e-4)
     once_more = torch.Generator().manual_seed(1)
     model.generate(tokenize(captions), num_candidates=3, generator=once_more, steps=2)  # the same random state
-    plain = model.self_score(text, tokens, generator=once_more)
+    plain = extensions.self_score(model, text, tokens, generator=once_more)
     assert np.allclose(scores[:3], plain[:3].numpy(), atol=1e-4) and not np.allclose(scores[3:], plain[3:].numpy())
     _, off = eval_fid.generate_scored(model, tokenizer, vq, captions, torch.Generator().manual_seed(1),
                                       num_candidates=3, steps=2)
@@ -582,3 +583,28 @@ def test_reference_stats_of_sampled_coco_images(tmp_path, weights, cheap_feature
     (images / chosen[0]["file_name"]).unlink()
     assert eval_fid.main(["reference", "--captions", str(captions), "--images", str(images), "--out", str(out),
                           "--num-captions", "4", "--inception", str(weights)]) == 1
+
+
+def test_the_generator_is_loaded_with_its_extensions():
+    """The shipped demo uses extensions (colour-factored codes): eval_fid loads it through
+    extensions.load_checkpoint, as sample.py does."""
+    demo = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes" / "emage"
+    model, tokenizer, vq, info = eval_fid._load_generator(demo, "cpu")
+    assert model.beyond is not None and model.beyond.colours == 7 and vq.config.n_embed == model.config.codebook_size
+    with pytest.raises(emage.EmageError, match="extensions.load_checkpoint"):
+        emage.load_checkpoint(demo)
+
+
+def test_images_are_read_bounded_and_cropped_as_before(tmp_path):
+    """read_rgb goes through files.open_image (a file over the pixel limit is a FIDError, not a
+    decoded bomb); center_crop_resize on arrays equals cropping the middle square and resizing
+    it with PIL's bicubic filter."""
+    Image.new("1", (9000, 8000)).save(tmp_path / "huge.png")
+    with pytest.raises(FIDError, match="cannot read image: .*over the limit"):
+        eval_fid.read_rgb(tmp_path / "huge.png")
+    rgb = np.random.default_rng(3).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "wide.png")
+    assert np.array_equal(eval_fid.read_rgb(tmp_path / "wide.png"), rgb)
+    expected = np.array(Image.fromarray(rgb[:, 10:40]).resize((16, 16), Image.BICUBIC))
+    assert np.array_equal(eval_fid.center_crop_resize(rgb, 16), expected)
+    assert np.array_equal(eval_fid.center_crop_resize(rgb[:, 10:40], 30), rgb[:, 10:40])  # the right size: unchanged
