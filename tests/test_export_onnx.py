@@ -1,5 +1,7 @@
-"""export_onnx.py: every graph matches PyTorch, and the ONNX Runtime sampler commits the
-same tokens as Emage.generate for the same caption and seed."""
+"""export_onnx.py: every graph matches PyTorch, the ONNX Runtime sampler (sample.Pipeline.load_onnx)
+commits the same tokens as Emage.generate for the same caption and seed, and an export never
+replaces a folder it did not write."""
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -15,13 +17,14 @@ import emage
 import export_onnx
 import sample
 import vqgan
+from shapes_tokenizers import SHAPES_BPE_PATH, SHAPES_VOCAB_SIZE
 
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes" / "emage"
 
 
 def tiny_models():
     torch.manual_seed(0)
-    text = clip_text.TextConfig(vocab_size=clip_text.SHAPES_VOCAB_SIZE, context_length=24, width=32, heads=2,
+    text = clip_text.TextConfig(vocab_size=SHAPES_VOCAB_SIZE, context_length=24, width=32, heads=2,
                                 layers=2, embed_dim=32)
     model = emage.Emage(emage.EmageConfig(text=text, codebook_size=64, grid=(4, 4), width=32, layers=2, heads=2),
                         variant=3).eval()
@@ -37,17 +40,23 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     model, decoder = tiny_models()
     vqgan.save_vqgan(decoder, root / "vqgan")
-    emage.save_checkpoint(model, root / "emage", variant=3, step=7, tokenizer_path=clip_text.SHAPES_BPE_PATH,
+    emage.save_checkpoint(model, root / "emage", variant=3, step=7, tokenizer_path=SHAPES_BPE_PATH,
                           vqgan_dir=root / "vqgan")
     assert export_onnx.main(["--checkpoint", str(root / "emage"), "--out", str(root / "onnx")]) == 0
     model, info = emage.load_checkpoint(root / "emage")
     return root / "onnx", model, vqgan.load_vqgan(info["vqgan_dir"])
 
 
+def digests(folder: Path) -> dict:
+    """sha256 of every file under `folder`: a folder's bytes, to show nothing in it changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def onnx_model(exported):
     folder, model, _ = exported
-    return export_onnx.OnnxPipeline.load(folder).model
+    return sample.Pipeline.load_onnx(folder).model
 
 
 def test_config_records_opset_exporter_and_parity(exported):
@@ -154,9 +163,9 @@ def test_editing_keeps_the_given_tokens(exported, onnx_model, algorithm):
 
 def test_pipeline_matches_torch_pipeline(exported):
     folder, model, decoder = exported
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tokenizer = clip_text.Tokenizer(SHAPES_BPE_PATH)
     torch_pipe = sample.Pipeline(model, decoder, tokenizer, {"variant": 3}, folder, torch.device("cpu"))
-    onnx_pipe = export_onnx.OnnxPipeline.load(folder, "cpu")
+    onnx_pipe = sample.Pipeline.load_onnx(folder, "cpu")
     assert onnx_pipe.info["variant"] == 3 and onnx_pipe.model.config == model.config
     for seed, prompt in enumerate(["a red circle", "a small blue square above a green triangle"]):
         want = torch_pipe.generate(prompt, seed=seed, num_images=3, steps=6)
@@ -186,21 +195,21 @@ def test_user_errors_are_one_line(exported, tmp_path, capsys):
     assert export_onnx.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(export_onnx.ExportError, match="no config.json"):
-        export_onnx.OnnxPipeline.load(tmp_path)
+        sample.Pipeline.load_onnx(tmp_path)
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for file in ["config.json", *export_onnx.GRAPHS.values()]:
         (damaged / file).write_bytes((exported[0] / file).read_bytes())
     (damaged / "round.onnx").write_bytes(b"not a graph")
     with pytest.raises(export_onnx.ExportError, match="round.onnx is not a readable ONNX graph"):
-        export_onnx.OnnxPipeline.load(damaged)
+        sample.Pipeline.load_onnx(damaged)
     (damaged / "config.json").write_text("{")
     with pytest.raises(export_onnx.ExportError, match="not valid JSON"):
-        export_onnx.OnnxPipeline.load(damaged)
+        sample.Pipeline.load_onnx(damaged)
     with pytest.raises(export_onnx.ExportError, match="unknown device"):
         export_onnx.ort_device("tpu")
     with pytest.raises(emage.EmageError, match="backend torch"):
-        export_onnx.OnnxPipeline.load(exported[0]).model.generate(torch.zeros(1, 24, dtype=torch.long), algorithm="ar")
+        sample.Pipeline.load_onnx(exported[0]).model.generate(torch.zeros(1, 24, dtype=torch.long), algorithm="ar")
 
 
 def assert_same_or_rounding(model, onnx_model, text_tokens, seed: int, steps: int, want, got) -> bool:
@@ -246,7 +255,7 @@ def test_demo_checkpoint_ten_prompts(tmp_path):
 
     export_onnx.export_checkpoint(DEMO, tmp_path / "onnx", log=lambda *_: None)
     torch_pipe = sample.Pipeline.load(DEMO, "cpu")
-    onnx_pipe = export_onnx.OnnxPipeline.load(tmp_path / "onnx", "cpu")
+    onnx_pipe = sample.Pipeline.load_onnx(tmp_path / "onnx", "cpu")
     assert torch_pipe.model.variant == 3
     identical = 0
     for seed, prompt in enumerate(shapes.eval_captions()[:10]):
@@ -255,3 +264,61 @@ def test_demo_checkpoint_ten_prompts(tmp_path):
         identical += assert_same_or_rounding(torch_pipe.model, onnx_pipe.model, torch_pipe.text_tokens([prompt]),
                                              seed, 16, want, got)
     assert identical >= 8  # measured: 9 of 10 identical; one differs in 1 of 128 tokens, in the last round
+
+
+# ---- where an export may go -----------------------------------------------------------
+
+
+def test_export_into_a_checkpoint_folder_is_refused_and_leaves_it_untouched(exported, capsys):
+    root = exported[0].parent
+    for checkpoint in (root / "emage", root / "vqgan"):  # the generator's folder and the VQGAN's
+        before = digests(checkpoint)
+        assert export_onnx.main(["--checkpoint", str(root / "emage"), "--out", str(checkpoint)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "is a checkpoint folder" in err and err.count("\n") == 1
+        assert export_onnx.main(["--checkpoint", str(root / "emage"), "--out", str(checkpoint), "--overwrite"]) == 1
+        assert "is a checkpoint folder" in capsys.readouterr().err
+        assert digests(checkpoint) == before
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]  # nothing half-written beside them
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(exported, tmp_path, capsys):
+    root = exported[0].parent
+    (tmp_path / "notes.txt").write_text("mine")
+    for flags in ([], ["--overwrite"]):
+        assert export_onnx.main(["--checkpoint", str(root / "emage"), "--out", str(tmp_path), *flags]) == 1
+        assert "holds other files" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_export_needs_overwrite_which_replaces_the_first(exported, tmp_path, capsys):
+    folder, model, decoder = exported
+    root = folder.parent
+    out = tmp_path / "onnx"
+    assert export_onnx.main(["--checkpoint", str(root / "emage"), "--out", str(out)]) == 0
+    before = digests(out)
+    assert json.loads((out / "config.json").read_text())["step"] == 7
+    # Another checkpoint (other weights, another step) into the same folder: refused without --overwrite.
+    changed, _ = tiny_models()
+    with torch.no_grad():
+        changed.head.bias += 1.0
+    emage.save_checkpoint(changed, tmp_path / "other", variant=3, step=8, tokenizer_path=SHAPES_BPE_PATH,
+                          vqgan_dir=root / "vqgan")
+    capsys.readouterr()
+    assert export_onnx.main(["--checkpoint", str(tmp_path / "other"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "earlier export" in err and "--overwrite" in err and err.count("\n") == 1
+    assert digests(out) == before
+    assert export_onnx.main(["--checkpoint", str(tmp_path / "other"), "--out", str(out), "--overwrite"]) == 0
+    after = digests(out)
+    assert json.loads((out / "config.json").read_text())["step"] == 8 and after["round.onnx"] != before["round.onnx"]
+    assert set(after) == set(before) and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    text = export_onnx.random_captions(changed.config, 2, torch.Generator().manual_seed(3))
+    got = sample.Pipeline.load_onnx(out).model.generate(text, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(got, changed.eval().generate(text, generator=torch.Generator().manual_seed(9)))
+
+
+def test_the_default_destination_is_the_exports_folder():
+    args = export_onnx.build_parser().parse_args([])
+    assert args.out == export_onnx.DEFAULT_OUT and args.out.parts[-2:] == ("exports", "shapes-demo")
+    assert args.checkpoint == DEMO and not args.overwrite
