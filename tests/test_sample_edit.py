@@ -11,8 +11,10 @@ from PIL import Image
 import clip_image
 import clip_text
 import emage
+import extensions
 import sample
 import vqgan
+from shapes_tokenizers import SHAPES_BPE_PATH
 
 PROMPT = "a red circle to the left of a blue square"
 
@@ -34,15 +36,15 @@ def tiny(tmp_path_factory) -> Path:
     small = vqgan.VQGANConfig(resolution=64, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
                               z_channels=8, embed_dim=8, n_embed=64, quantizer="vector", norm_groups=1)  # 64 px -> 8 x 8
     vqgan.save_vqgan(vqgan.VQGAN(small), root / "vqgan")
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tokenizer = clip_text.Tokenizer(SHAPES_BPE_PATH)
     text = clip_text.TextConfig(vocab_size=tokenizer.vocab_size, context_length=24, width=32, heads=2, layers=1,
                                 embed_dim=32)
     config = emage.EmageConfig(text=text, codebook_size=small.n_embed, grid=(8, 8), width=32,
                                layers=1, heads=2)
     emage.save_checkpoint(emage.Emage(config), root / "emage", variant=3, step=1,
-                          tokenizer_path=clip_text.SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
+                          tokenizer_path=SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
     clip_image.save_clip(clip_image.CLIP(clip_image.shapes_text_config(), clip_image.VisionConfig.shapes()),
-                         root / "clip", clip_text.SHAPES_BPE_PATH)
+                         root / "clip", SHAPES_BPE_PATH)
     Image.new("RGB", (64, 64)).save(root / "black.png")
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     image[8:30, 4:26] = (230, 40, 40)
@@ -207,7 +209,7 @@ def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_pa
                            temperature=defaults("temperature"))  # the same 2 x C draws
     text = pipe.text_tokens([PROMPT]).expand(2 * C, -1)
     against = pipe.text_tokens([contrast]).expand(2 * C, -1) if contrast else None
-    scores = pipe.model.self_score(text, tokens, generator=torch.Generator().manual_seed(4),
+    scores = extensions.self_score(pipe.model, text, tokens, generator=torch.Generator().manual_seed(4),
                                    contrast_tokens=against).view(2, C)
     candidates = pipe.decode(tokens)
     for i in range(2):
@@ -216,6 +218,17 @@ def test_default_reranking_keeps_the_argmax_of_the_self_score(tiny, pipe, tmp_pa
             assert np.array_equal(np.asarray(kept), np.asarray(candidates[i * C + int(scores[i].argmax())]))
             parameters = json.loads(kept.text["parameters"])
             assert parameters["rerank"] == "self" and parameters.get("contrast") == contrast
+
+
+def test_the_judge_is_retired(tiny, tmp_path, capsys):
+    """Re-ranking is the self-score or CLIP; the caption-image judge and its flags are gone."""
+    for flags in (["--judge", "auto"], ["--judge-weight", "5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main([PROMPT, "--checkpoint", str(tiny / "emage"), "--out", str(tmp_path / "x.png"), *flags])
+        assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    assert not (Path(sample.__file__).parent / "judge.py").exists()
+    assert not (sample.DEMO_CHECKPOINT.parent / "judge").exists()
 
 
 def test_an_empty_contrast_is_a_user_error(tiny, tmp_path, capsys):
