@@ -41,6 +41,7 @@ import export_onnx
 import sample
 import train
 import vqgan
+from shapes_tokenizers import SHAPES_BPE_PATH
 
 TINY = ["--set", "width=32", "--set", "layers=1", "--set", "heads=2", "--set", "text.width=32",
         "--set", "text.heads=2", "--set", "text.layers=1", "--set", "text.embed_dim=32"]
@@ -81,9 +82,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     torch.manual_seed(0)
     vqgan.save_vqgan(tiny_vqgan(), root / "vqgan")
-    tokenizer = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+    tokenizer = clip_text.Tokenizer(SHAPES_BPE_PATH)
     emage.save_checkpoint(tiny_emage(tokenizer.vocab_size), root / "emage", variant=3, step=0,
-                          tokenizer_path=clip_text.SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
+                          tokenizer_path=SHAPES_BPE_PATH, vqgan_dir=root / "vqgan")
     import random
 
     import shapes
@@ -706,7 +707,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, refere
         import safetensors.torch
 
         calls = {"save_file": 0, "torch.save": 0, "latest": 0}
-        save_file, torch_save, write_json = safetensors.torch.save_file, torch.save, data._write_json
+        save_file, torch_save, write_json = safetensors.torch.save_file, torch.save, train.write_json
 
         def pause():
             ready.touch()
@@ -736,7 +737,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, refere
 
         safetensors.torch.save_file = partial_save_file
         torch.save = slow_torch_save
-        data._write_json = partial_json
+        train.write_json = partial_json  # files.write_json, as train.py imported it
         return train.main([str(a) for a in train_argv(world, out, "--save-every", 2, "--keep", 3)])
 
     pid = fork(child)
