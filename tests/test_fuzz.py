@@ -1,5 +1,5 @@
-"""Property-based fuzzing (hypothesis) of the two text front doors: clip_text.Tokenizer
-and shapes.parse.
+"""Property-based fuzzing (hypothesis) of the two text front doors, clip_text.Tokenizer and
+shapes.parse, and of the image front door, files.open_image.
 
 - Any string: the tokenizer returns ids (no exception at all); the batch call gives
   exactly `context_length` ids per caption, start first, the end token at the argmax,
@@ -8,9 +8,12 @@ and shapes.parse.
   followed by one space.
 - shapes.parse: a Caption or ShapesError, never another exception; every caption the
   grammar samples parses back to itself.
+- files.open_image: any bytes, and any damage to a real PNG or JPEG, give an RGB image or
+  a one-line FileError, never another exception.
 """
 from __future__ import annotations
 
+import io
 import random
 import string
 
@@ -18,13 +21,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 import clip_text
+import files
 import shapes
+from shapes_tokenizers import SHAPES_BPE_PATH
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-TOKENIZER = clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH)
+TOKENIZER = clip_text.Tokenizer(SHAPES_BPE_PATH)
 
 # Text with everything that has gone wrong in tokenizers: controls, NUL, lone surrogates,
 # combining marks, right-to-left marks, emoji, CJK, HTML entities, very long words.
@@ -117,3 +123,41 @@ def test_sampled_captions_parse_back_to_themselves(seed, split):
 def test_parse_of_a_non_string_raises_shapes_error(value):
     with pytest.raises(shapes.ShapesError):
         shapes.parse(value)
+
+
+def _encoded(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    shapes.render("a red circle to the left of a blue square", 0).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+REAL_IMAGES = {"PNG": _encoded("PNG"), "JPEG": _encoded("JPEG")}
+
+
+def _assert_image_or_file_error(blob: bytes):
+    try:
+        image = files.open_image(blob, "upload.png")
+    except files.FileError as error:
+        assert str(error).startswith("upload.png ") and "\n" not in str(error)
+        return None
+    assert image.mode == "RGB" and image.width * image.height <= files.MAX_IMAGE_PIXELS
+    return image
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_open_image_of_any_bytes_is_an_image_or_a_file_error(blob):
+    _assert_image_or_file_error(blob)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(REAL_IMAGES)), st.integers(min_value=0, max_value=10**6),
+       st.lists(st.tuples(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=255)),
+                max_size=8))
+def test_open_image_of_a_damaged_image_is_an_image_or_a_file_error(fmt, cut, flips):
+    blob = bytearray(REAL_IMAGES[fmt])
+    for position, value in flips:  # overwrite a few bytes, header included
+        blob[position % len(blob)] = value
+    image = _assert_image_or_file_error(bytes(blob[: max(1, cut % (len(blob) + 1))]))
+    if image is not None and not flips:  # only cut: the whole picture or an error, never a half-decoded one
+        assert image.tobytes() == files.open_image(REAL_IMAGES[fmt]).tobytes()
