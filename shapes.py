@@ -178,7 +178,7 @@ def mirrored(caption: str | Caption) -> str | None:
 
 
 def contrast_for(text: str) -> str | None:
-    """The caption a picture of `text` must not match, for re-ranking (Emage.self_score's
+    """The caption a picture of `text` must not match, for re-ranking (extensions.self_score's
     contrast): the mirrored caption for a shapes caption with a relation, else None (any text)."""
     try:
         return mirrored(text)
