@@ -178,8 +178,9 @@ def test_pipeline_matches_torch_pipeline(exported):
     assert onnx_pipe.decode_history(history).width == 4 * 8 + 3 * 2
 
 
-def test_sample_command_line_runs_on_onnx(exported, tmp_path, capsys):
+def test_sample_command_line_runs_on_onnx(exported, tmp_path, capsys, monkeypatch):
     folder, _, _ = exported
+    monkeypatch.setattr(sample, "ROOT", tmp_path)  # --onnx-dir's default: no export there, whatever the checkout holds
     out = tmp_path / "image.png"
     assert sample.main(["a red circle", "--backend", "onnx", "--onnx-dir", str(folder), "--out", str(out),
                         "--num-images", "2", "--steps", "4"]) == 0
