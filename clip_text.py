@@ -249,13 +249,6 @@ class TextConfig:
         """The text tower of OpenAI CLIP ViT-L/14, the one the paper uses (Section 4)."""
         return cls(vocab_size=49408, context_length=77, width=768, heads=12, layers=12, embed_dim=768)
 
-    @classmethod
-    def shapes(cls) -> "TextConfig":
-        """Moved to shapes_tokenizers.text_config(); kept until emage.py stops calling it."""
-        import shapes_tokenizers  # a true circle: shapes_tokenizers imports this file
-
-        return shapes_tokenizers.text_config()
-
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, as CLIP does, then cast back."""

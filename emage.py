@@ -46,7 +46,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +65,9 @@ VARIANTS = ("full", 1, 2, 3, "ar")  # the models of Fig. 2 (a)-(d) and the autor
 ALGORITHMS = ("full", 1, 3, "ar")  # inference procedures
 DEFAULT_ALGORITHM = {"full": "full", 1: 1, 2: 1, 3: 3, "ar": "ar"}  # Section 3.3: #2 decodes like #1
 SCHEDULES = ("linear", "cosine")
+# The small text tower of the shapes preset: 3 layers of width 128 over a 573-id vocabulary
+# (checkpoints/shapes/bpe_shapes.txt.gz, learnt by `python shapes_tokenizers.py learn-bpe`).
+SMALL_TEXT = TextConfig(vocab_size=573, context_length=24, width=128, heads=4, layers=3, embed_dim=128)
 
 
 def parse_variant(value) -> str | int:
@@ -89,7 +92,7 @@ def parse_algorithm(value) -> str | int:
 
 @dataclass
 class EmageConfig:
-    text: TextConfig = field(default_factory=TextConfig.shapes)  # the CLIP text encoder (X -> states)
+    text: TextConfig = field(default_factory=lambda: replace(SMALL_TEXT))  # the CLIP text encoder (X -> states)
     codebook_size: int = 512  # VQGAN codes K; the [mask] id is K (one extra input embedding)
     grid: tuple[int, int] = (8, 8)  # image token grid (h, w); n = h * w tokens (paper: 32 x 32 = 1024)
     width: int = 256  # decoder hidden size (paper: 768)
@@ -142,7 +145,7 @@ class EmageConfig:
         Cheaper decoders for a tight CPU budget: width=128 (1.2 CPU-s), or width=128,
         layers=3, mlp_ratio=2.0 (0.54 CPU-s); pass them as keyword overrides.
         """
-        return cls(text=TextConfig.shapes(), codebook_size=codebook_size, grid=tuple(grid), **overrides)
+        return cls(text=replace(SMALL_TEXT), codebook_size=codebook_size, grid=tuple(grid), **overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -614,9 +614,10 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
                step_module, start_step, resume_dir, per_micro)
 
 
-def accumulate_gradients(run: Run, step: int, stop_asked: bool) -> tuple[float, float, bool]:
+def accumulate_gradients(run: Run, step: int, stop: dict) -> tuple[float, float, bool]:
     """Forward and backward over this process's micro-batches, clip, and agree across ranks on
-    (mean loss, gradient norm, whether to stop) in one all-reduce."""
+    (mean loss, gradient norm, whether to stop) in one all-reduce. A signal that arrived during
+    this step is read here, so the step it interrupted is the one saved."""
     args, model, device = run.args, run.model, run.device
     indices = data.batch_indices(step, args.batch_size, len(run.shards), args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
@@ -634,7 +635,7 @@ def accumulate_gradients(run: Run, step: int, stop_asked: bool) -> tuple[float, 
         (loss / args.grad_accum).backward()
         loss_sum += loss.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    flags = torch.stack([loss_sum / args.grad_accum, grad_norm.float().to(device), torch.tensor(float(stop_asked), device=device)])
+    flags = torch.stack([loss_sum / args.grad_accum, grad_norm.float().to(device), torch.tensor(float(stop["signal"] is not None), device=device)])
     flags = torch.nan_to_num(flags, nan=float("inf"))
     if run.world > 1:
         dist.all_reduce(flags)
@@ -658,7 +659,7 @@ def training_loop(run: Run, later_steps: int = 0) -> int:
                 lr = lr_at(step, args.steps, args.lr, args.warmup)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                loss, norm, stop_asked = accumulate_gradients(run, step, stop["signal"] is not None)
+                loss, norm, stop_asked = accumulate_gradients(run, step, stop)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                     raise TrainError(f"the loss or gradient norm became non-finite at step {step + 1} (loss {loss}, "
@@ -740,7 +741,7 @@ def resolve_args(args) -> None:
         args.out = str(ROOT / "runs" / f"{args.preset}-v{args.variant}")
     if args.save_every is None:
         args.save_every = args.eval_every
-    positive = ("steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every", "keep", "eval_captions",
+    positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep", "eval_captions",
                 "shapes_examples", "shapes_align")
     for name in positive:
         value = getattr(args, name)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import clip_text
+import emage
 import files
 import shapes
 import shapes_tokenizers
@@ -74,7 +75,7 @@ def test_vqgan_preset_is_8x8_small_and_decodes_to_the_palette():
 def test_shapes_vocabulary_matches_preset_and_makes_every_grammar_word_one_token():
     tokenizer = clip_text.Tokenizer(SHAPES_BPE_PATH)
     assert tokenizer.vocab_size == SHAPES_VOCAB_SIZE == shapes_tokenizers.text_config().vocab_size
-    assert clip_text.TextConfig.shapes() == shapes_tokenizers.text_config()  # the shim emage.py still calls
+    assert emage.EmageConfig.shapes().text == shapes_tokenizers.text_config()  # the preset's tower reads this vocabulary
     small = shapes_tokenizers.text_config()
     assert (small.context_length, small.width, small.heads, small.layers, small.embed_dim) == (24, 128, 4, 3, 128)
     words = {"a", "small", "large", "to", "the", "left", "right", "of", "above", "below", *shapes.COLORS, *shapes.SHAPES}
