@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/peers.py` puts benchmarks/, 
 
 import clip_text  # noqa: E402
 import files  # noqa: E402
+import shapes_tokenizers  # noqa: E402
 
 MODELS = ("Emage", "aMUSEd", "Muse")
 PEERS = MODELS[1:]
@@ -209,7 +210,7 @@ def make_tokenizer() -> tuple[clip_text.Tokenizer, str]:
     try:
         return clip_text.Tokenizer(), "CLIP BPE (49408 ids)"
     except clip_text.ClipTextError:
-        return clip_text.Tokenizer(clip_text.SHAPES_BPE_PATH), "shapes BPE (no CLIP vocabulary found)"
+        return clip_text.Tokenizer(shapes_tokenizers.SHAPES_BPE_PATH), "shapes BPE (no CLIP vocabulary found)"
 
 
 class _Absent(types.ModuleType):
