@@ -5,14 +5,17 @@ The paper reads captions through the text tower of CLIP ViT-L/14 (width 768,
 CLIP's weights is what made the non-autoregressive generator train (Table 5).
 This file rebuilds that tower so that public checkpoints load into it exactly:
 
-    Tokenizer(bpe_path)            caption -> ids, the same ids as OpenAI's tokenizer
+    Tokenizer(bpe_path)            caption -> ids, the same ids as OpenAI's tokenizer; bpe_path is
+                                   bpe_simple_vocab_16e6.txt.gz, a Hugging Face merges.txt, or a folder holding one
     TextEncoder(TextConfig)        tokens[B, L] -> (states[B, L, width], pooled[B, embed_dim])
     load_clip_text(path)           OpenAI state dict / TorchScript, Hugging Face, or native dir
     save_clip_text(encoder, dir)   native format: config.json + model.safetensors
 
 Command line:
-    python clip_text.py convert SRC OUT_DIR              any supported checkpoint -> native dir
-    python clip_text.py encode --checkpoint DIR "text"   token ids and the pooled vector's norm
+    python clip_text.py convert SRC OUT_DIR              any supported checkpoint -> native dir (a Hugging
+                                                         Face folder's merges.txt and vocab.json come along)
+    python clip_text.py convert ViT-L-14.pt OUT_DIR --trust-torchscript   OpenAI's TorchScript release
+    python clip_text.py encode --checkpoint DIR [--bpe FILE_OR_DIR] "text"   token ids and the pooled norm
 
 Small vocabularies in the same file format are learnt by shapes_tokenizers.learn_bpe.
 """
@@ -24,6 +27,7 @@ import html
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -47,7 +51,8 @@ class ClipTextError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"  # the file OpenAI CLIP and open_clip ship
-BPE_ENV = "EMAGE_CLIP_BPE"  # environment variable naming a vocabulary file
+BPE_ENV = "EMAGE_CLIP_BPE"  # environment variable naming a vocabulary file (or a folder holding one)
+HF_MERGES, HF_VOCAB = "merges.txt", "vocab.json"  # a Hugging Face CLIP folder's BPE: the same merges, and their ids
 # OpenAI's file lists some 262,000 merges but CLIP reads only the first 49152 - 256 - 2 of them,
 # which gives 512 byte tokens + 48,894 merges + 2 special tokens = 49,408 ids.
 MAX_MERGES = 49152 - 256 - 2
@@ -110,12 +115,14 @@ def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
 
 def find_bpe(path: str | os.PathLike | None = None) -> Path:
     """The vocabulary file: `path`, else $EMAGE_CLIP_BPE, else the copy inside an installed
-    `open_clip` or `clip` package (located with importlib, without importing the package)."""
-    for given, origin in ((path, "the given path"), (os.environ.get(BPE_ENV) or None, f"${BPE_ENV}")):
+    `open_clip` or `clip` package (located with importlib, without importing the package).
+
+    `path` (and the variable) may name the file, or a folder holding one: a Hugging Face CLIP
+    folder such as openai/clip-vit-large-patch14 (its merges.txt), or a folder with OpenAI's
+    bpe_simple_vocab_16e6.txt.gz (vocabulary_in)."""
+    for given, origin in ((path, "--bpe"), (os.environ.get(BPE_ENV) or None, f"${BPE_ENV}")):
         if given is not None:
-            if not Path(given).is_file():
-                raise ClipTextError(f"BPE vocabulary {given} (from {origin}) is not a file; point it at {BPE_FILE_NAME}")
-            return Path(given)
+            return vocabulary_in(given, origin)
     for package in ("open_clip", "clip"):
         try:
             spec = importlib.util.find_spec(package)
@@ -126,9 +133,34 @@ def find_bpe(path: str | os.PathLike | None = None) -> Path:
             if candidate.is_file():
                 return candidate
     raise ClipTextError(
-        f"no CLIP BPE vocabulary found: pass its path, set {BPE_ENV}=/path/to/{BPE_FILE_NAME}, "
+        f"no CLIP BPE vocabulary found: pass --bpe with {BPE_FILE_NAME}, a Hugging Face CLIP folder "
+        f"(its {HF_MERGES} is the vocabulary) or a folder holding either; or set {BPE_ENV} to one; "
         "or `pip install --no-deps open_clip_torch` (its wheel ships the file)"
     )
+
+
+def vocabulary_in(path: str | os.PathLike, origin: str = "--bpe") -> Path:
+    """A vocabulary file as given, or the one inside a folder: a Hugging Face CLIP folder's
+    merges.txt, else bpe_simple_vocab_16e6.txt.gz. `origin` names the flag in errors."""
+    given = Path(path)
+    if given.is_dir():
+        for name in (HF_MERGES, BPE_FILE_NAME):
+            if (given / name).is_file():
+                return given / name
+        raise ClipTextError(f"{origin} {given} is a folder without {HF_MERGES} (a Hugging Face CLIP folder) "
+                            f"or {BPE_FILE_NAME}; pass the vocabulary file or a folder holding it")
+    if not given.is_file():
+        raise ClipTextError(f"{origin} {given} is not a file or a folder; pass {BPE_FILE_NAME}, a Hugging Face "
+                            f"CLIP folder or its {HF_MERGES}")
+    return given
+
+
+def vocabulary_beside(checkpoint: str | os.PathLike | None) -> Path | None:
+    """The vocabulary a checkpoint folder ships (a Hugging Face CLIP folder's merges.txt, or a
+    bpe_simple_vocab_16e6.txt.gz beside the weights), else None (also for a weights file)."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return None
+    return next((Path(checkpoint) / n for n in (HF_MERGES, BPE_FILE_NAME) if (Path(checkpoint) / n).is_file()), None)
 
 
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -151,6 +183,22 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     return merges
 
 
+def check_hf_vocab(merges_path: Path, vocab_size: int) -> None:
+    """A Hugging Face folder's vocab.json (beside its merges.txt) must list as many ids as the
+    merges give (512 byte symbols + merges + 2 special tokens): files of two tokenizers, or a
+    cut merges.txt, would otherwise give other ids than the text tower was trained with."""
+    vocab_json = merges_path.with_name(HF_VOCAB)
+    if merges_path.name != HF_MERGES or not vocab_json.is_file():
+        return
+    try:
+        size = len(json.loads(vocab_json.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise ClipTextError(f"{vocab_json} is not a readable vocabulary ({e}); download the folder again") from None
+    if size != vocab_size:
+        raise ClipTextError(f"{vocab_json} lists {size} tokens but {merges_path} gives {vocab_size} ids (512 bytes + "
+                            f"{vocab_size - 514} merges + 2 special tokens); the two files do not belong together")
+
+
 class Tokenizer:
     """CLIP's byte-level BPE: text -> ids identical to OpenAI's `simple_tokenizer`.
 
@@ -159,7 +207,7 @@ class Tokenizer:
     """
 
     def __init__(self, bpe_path: str | os.PathLike | None = None):
-        self.path = find_bpe(bpe_path)
+        self.path = find_bpe(bpe_path)  # a file, or found in a folder (find_bpe)
         merges = read_merges(self.path)
         # Byte symbols in code point order: the printable bytes first, then the 68 remapped ones
         # (the order of CLIP's vocabulary, so 'a' is id 64 and 'a</w>' is id 256 + 64).
@@ -170,6 +218,7 @@ class Tokenizer:
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # lower rank = merged earlier
         self.vocab_size = len(vocab)
         self.sot_id, self.eot_id = len(vocab) - 2, len(vocab) - 1
+        check_hf_vocab(self.path, self.vocab_size)
         self._cache: dict[str, list[str]] = {}
         self._warned_truncation = False
 
@@ -592,18 +641,29 @@ def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) 
 
 def _convert(args: argparse.Namespace) -> None:
     encoder = load_clip_text(args.src, trust_torchscript=args.trust_torchscript)
+    vocabulary = vocabulary_beside(args.src)  # a Hugging Face folder's merges.txt
+    if vocabulary is not None:
+        check_vocabulary(Tokenizer(vocabulary), encoder)
     save_clip_text(encoder, args.out_dir)
-    print(f"wrote {args.out_dir}: {encoder.config}")
+    if vocabulary is not None:  # so that `train.py --text-init OUT_DIR` finds the captions' vocabulary
+        names = [vocabulary.name] + [HF_VOCAB] * (vocabulary.name == HF_MERGES and (vocabulary.parent / HF_VOCAB).is_file())
+        for name in names:
+            atomic_write(Path(args.out_dir) / name, lambda tmp, n=name: shutil.copyfile(vocabulary.parent / n, tmp))
+    print(f"wrote {args.out_dir}: {encoder.config}" + (f", with the vocabulary {vocabulary.name}" if vocabulary else ""))
 
 
-def _encode(args: argparse.Namespace) -> None:
-    encoder = load_clip_text(args.checkpoint, trust_torchscript=args.trust_torchscript)
-    tokenizer = Tokenizer(args.bpe)
+def check_vocabulary(tokenizer: Tokenizer, encoder: TextEncoder) -> None:
     if tokenizer.vocab_size != encoder.config.vocab_size:
         raise ClipTextError(
             f"the vocabulary {tokenizer.path} has {tokenizer.vocab_size} ids but the encoder "
             f"{encoder.config.vocab_size}; pass the matching --bpe"
         )
+
+
+def _encode(args: argparse.Namespace) -> None:
+    encoder = load_clip_text(args.checkpoint, trust_torchscript=args.trust_torchscript)
+    tokenizer = Tokenizer(args.bpe or vocabulary_beside(args.checkpoint))
+    check_vocabulary(tokenizer, encoder)
     tokens = tokenizer(args.texts, context_length=encoder.config.context_length)  # (B, L)
     with torch.no_grad():
         _, pooled = encoder(tokens)  # (B, P)
@@ -612,20 +672,26 @@ def _encode(args: argparse.Namespace) -> None:
         print(f"{text!r}\n  ids: {ids}\n  pooled norm: {vector.norm().item():.6f}")
 
 
+BPE_HELP = (f"the captions' vocabulary: {BPE_FILE_NAME}, a Hugging Face CLIP folder (its {HF_MERGES}) or a folder "
+            f"holding either (default: the checkpoint folder's own, else ${BPE_ENV}, else the file open_clip ships)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("convert", help="any supported checkpoint -> native dir", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("src", help="OpenAI .pt / state dict, Hugging Face dir or file, or a native dir")
-    p.add_argument("out_dir", help="where to write config.json + model.safetensors")
+    p.add_argument("src", help="OpenAI .pt / state dict (the ViT-L-14.pt release is TorchScript: add --trust-torchscript), "
+                   "Hugging Face dir (openai/clip-vit-large-patch14) or weights file, or a native dir")
+    p.add_argument("out_dir", help="where to write config.json + model.safetensors (+ a Hugging Face folder's merges.txt "
+                   "and vocab.json, the captions' vocabulary)")
     p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
     p.set_defaults(run=_convert)
 
     p = commands.add_parser("encode", help="print token ids and the pooled vector's norm", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("texts", nargs="+", help="captions to encode")
     p.add_argument("--checkpoint", required=True, help="any checkpoint load_clip_text reads")
-    p.add_argument("--bpe", default=None, help=f"vocabulary file (default: ${BPE_ENV}, else the one open_clip ships)")
+    p.add_argument("--bpe", default=None, help=BPE_HELP)
     p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
     p.set_defaults(run=_encode)
 

@@ -96,6 +96,55 @@ def test_find_bpe_sources(monkeypatch, tmp_path):
         clip_text.find_bpe()
 
 
+def hf_style_vocabulary(folder, source=SHAPES_BPE_PATH) -> clip_text.Tokenizer:
+    """merges.txt and vocab.json as a Hugging Face CLIP folder holds them, made from `source`."""
+    reference = clip_text.Tokenizer(source)
+    merges = clip_text.read_merges(source)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(reference.encoder), encoding="utf-8")
+    return reference
+
+
+def test_a_folder_gives_its_vocabulary(monkeypatch, tmp_path, shapes_tokenizer):
+    reference = hf_style_vocabulary(tmp_path / "hf")
+    assert clip_text.find_bpe(tmp_path / "hf") == tmp_path / "hf" / "merges.txt"
+    tok = clip_text.Tokenizer(tmp_path / "hf")
+    assert tok.path == tmp_path / "hf" / "merges.txt" and tok.vocab_size == reference.vocab_size
+    assert tok.encode("a small red circle left of a cyan square") == reference.encode("a small red circle left of a cyan square")
+    (tmp_path / "openai").mkdir()
+    (tmp_path / "openai" / clip_text.BPE_FILE_NAME).write_bytes(SHAPES_BPE_PATH.read_bytes())
+    assert clip_text.find_bpe(tmp_path / "openai") == tmp_path / "openai" / clip_text.BPE_FILE_NAME
+    monkeypatch.setenv(clip_text.BPE_ENV, str(tmp_path / "hf"))  # the variable may name a folder too
+    assert clip_text.find_bpe() == tmp_path / "hf" / "merges.txt"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(clip_text.ClipTextError, match="--bpe .* is a folder without merges.txt"):
+        clip_text.find_bpe(tmp_path / "empty")
+    assert clip_text.vocabulary_beside(tmp_path / "hf") == tmp_path / "hf" / "merges.txt"
+    assert clip_text.vocabulary_beside(tmp_path / "empty") is None
+    assert clip_text.vocabulary_beside(tmp_path / "hf" / "merges.txt") is None  # a weights file: none beside it
+
+
+def test_a_vocab_json_of_another_size_is_refused(tmp_path):
+    reference = hf_style_vocabulary(tmp_path)
+    vocab = dict(reference.encoder)
+    vocab.pop(clip_text.EOT)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(clip_text.ClipTextError, match=f"lists {reference.vocab_size - 1} tokens"):
+        clip_text.Tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(clip_text.ClipTextError, match="not a readable vocabulary"):
+        clip_text.Tokenizer(tmp_path / "merges.txt")
+
+
+def test_no_vocabulary_found_names_the_bpe_flag(monkeypatch):
+    monkeypatch.delenv(clip_text.BPE_ENV, raising=False)
+    monkeypatch.setattr(clip_text.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(clip_text.ClipTextError, match="no CLIP BPE vocabulary found: pass --bpe") as error:
+        clip_text.find_bpe()
+    assert "Hugging Face CLIP folder" in str(error.value) and clip_text.BPE_ENV in str(error.value)
+
+
 def test_malformed_vocabulary_is_a_clear_error(tmp_path):
     (tmp_path / "bad.txt").write_text("#version: 0.2\na b\nnot-a-merge\n")
     with pytest.raises(clip_text.ClipTextError, match="line 3"):
@@ -308,3 +357,24 @@ def test_cli_convert_encode_and_errors(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_convert_carries_a_folder_s_vocabulary_and_encode_reads_it(tmp_path, capsys):
+    """A Hugging Face folder's merges.txt is the captions' vocabulary: convert copies it (and vocab.json)
+    along, and encode (like train.py --text-init) reads it from the checkpoint folder without --bpe."""
+    reference = hf_style_vocabulary(tmp_path / "src")
+    torch.manual_seed(0)
+    model = clip_text.TextEncoder(dataclasses.replace(text_config(), vocab_size=reference.vocab_size)).eval()
+    clip_text.save_clip_text(model, tmp_path / "src")
+    clip_text.main(["convert", str(tmp_path / "src"), str(tmp_path / "out")])
+    assert "with the vocabulary merges.txt" in capsys.readouterr().out
+    assert (tmp_path / "out" / "merges.txt").read_bytes() == (tmp_path / "src" / "merges.txt").read_bytes()
+    assert (tmp_path / "out" / "vocab.json").read_bytes() == (tmp_path / "src" / "vocab.json").read_bytes()
+    clip_text.main(["encode", "--checkpoint", str(tmp_path / "out"), "a red circle"])
+    ids = [reference.sot_id, *reference.encode("a red circle"), reference.eot_id]
+    assert f"ids: {ids}" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()  # a vocabulary of another size than the tower's is refused, naming --bpe
+    (tmp_path / "other" / "merges.txt").write_text("#version: 0.2\nh e\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        clip_text.main(["encode", "--checkpoint", str(tmp_path / "out"), "--bpe", str(tmp_path / "other"), "x"])
+    assert "--bpe" in capsys.readouterr().err
