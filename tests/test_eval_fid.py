@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import pickle
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 import clip_text
 import emage
 import eval_fid
+import sample
 import extensions
 import inception as inception_net  # the module; `inception` is a fixture below
 import shapes_tokenizers
@@ -360,7 +362,11 @@ def test_cli_stats_then_fid(tmp_path, weights, cheap_features, capsys):
     report = tmp_path / "out" / "fid.json"
     assert eval_fid.main(["fid", str(folder), str(stats), "--inception", str(weights), "--allow-few",
                           "--json", str(report)]) == 0
-    assert "FID 0.0000" in capsys.readouterr().out  # a folder and its cached statistics agree
+    captured = capsys.readouterr()
+    assert "FID 0.0000" in captured.out  # a folder and its cached statistics agree
+    # Nothing long is silent: a line before the eigendecompositions, a bar while they run.
+    assert "Fréchet distance: two eigendecompositions of 64x64" in captured.err
+    assert "matrix square root (64x64, float64)" in captured.err and "2/2" in captured.err
     assert json.loads(report.read_text())["fid"] < 1e-9
 
     other = tmp_path / "b.npz"
@@ -444,8 +450,61 @@ def test_generate_writes_captioned_pngs_and_resumes(tmp_path, tiny_checkpoint, c
 
     assert eval_fid.main(args[:-6] + ["--num-captions", "4", "--batch-size", "2", "--steps", "3"]) == 1
     assert "manifest.json" in _last_error_line(capsys.readouterr().err)  # another caption list: refused
-    assert eval_fid.main(args + ["--candidates", "2"]) == 1
-    assert "--clip" in _last_error_line(capsys.readouterr().err)
+    assert eval_fid.main(args + ["--rerank", "clip"]) == 1
+    assert "--clip" in _last_error_line(capsys.readouterr().err)  # CLIP ranking without a CLIP: refused
+    assert eval_fid.main(args + ["--bpe", str(shapes_tokenizers.SHAPES_BPE_PATH)]) == 1
+    assert "--clip" in _last_error_line(capsys.readouterr().err)  # --bpe is the CLIP re-ranker's vocabulary
+
+
+def test_generate_defaults_are_sample_py_s_and_guidance_scale_is_an_alias(monkeypatch, tmp_path, tiny_checkpoint,
+                                                                         capsys):
+    seen = []
+    monkeypatch.setattr(eval_fid, "generate_folder", lambda *a, **kw: seen.append(kw) or 0)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\n", encoding="utf-8")
+    base = ["generate", "--checkpoint", str(tiny_checkpoint), "--captions", str(captions), "--out", str(tmp_path / "o")]
+    assert eval_fid.main(base) == 0
+    assert (seen[0]["temperature"], seen[0]["guidance_scale"], seen[0]["candidates"]) == (
+        sample.DEFAULT_TEMPERATURE, sample.DEFAULT_GUIDANCE, sample.DEFAULT_CANDIDATES)
+    assert seen[0]["rerank"] is None  # the self-score, as sample.py ranks
+    assert eval_fid.main(base + ["--guidance-scale", "2.5"]) == 0 and seen[1]["guidance_scale"] == 2.5
+    assert eval_fid.main(base + ["--guidance", "3"]) == 0 and seen[2]["guidance_scale"] == 3.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        eval_fid.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "random half of the tokens, random_sets=4 times" in help_text  # what the self-score does on real data
+    assert "--guidance GUIDANCE, --guidance-scale GUIDANCE" in help_text
+
+
+def test_generate_keeps_the_best_candidate_by_the_self_score(tmp_path, tiny_checkpoint):
+    items = [{"caption": "a red circle"}, {"caption": "a blue square above a green triangle"}]
+    eval_fid.generate_folder(tiny_checkpoint, items, tmp_path / "out", candidates=3, batch_size=2, seed=4,
+                             progress=False, steps=2, temperature=0.7, guidance_scale=1.5)
+    model, tokenizer, vq, _ = eval_fid._load_generator(tiny_checkpoint, "cpu")
+    generator = torch.Generator().manual_seed(4 * 1_000_003 + 0)  # batch 0 of seed 4
+    images, scores = eval_fid.generate_scored(model, tokenizer, vq, [it["caption"] for it in items], generator,
+                                              num_candidates=3, steps=2, temperature=0.7, guidance_scale=1.5)
+    images, scores = images.reshape(2, 3, 64, 64, 3), scores.reshape(2, 3)
+    for i in range(2):
+        assert len(set(scores[i].tolist())) == 3  # distinct scores, so the choice is visible
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")), images[i, scores[i].argmax()])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["settings"]["rerank"] == "self"
+
+
+def test_generate_from_a_moved_checkpoint_with_vqgan(tmp_path, tiny_checkpoint, capsys):
+    moved = tmp_path / "elsewhere" / "emage"
+    shutil.copytree(tiny_checkpoint, moved)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\n", encoding="utf-8")
+    args = ["generate", "--checkpoint", str(moved), "--captions", str(captions), "--out", str(tmp_path / "o"),
+            "--steps", "2", "--candidates", "1"]
+    assert eval_fid.main(args) == 1
+    line = _last_error_line(capsys.readouterr().err)
+    assert "--vqgan" in line and "moved" in line
+    assert eval_fid.main(args + ["--vqgan", str(tiny_checkpoint.parent / "vqgan")]) == 0
+    assert (tmp_path / "o" / "00000.png").is_file()
 
 
 def test_generate_from_coco_json(tmp_path, tiny_checkpoint):
