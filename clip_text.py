@@ -147,6 +147,10 @@ def vocabulary_in(path: str | os.PathLike, origin: str = "--bpe") -> Path:
         for name in (HF_MERGES, BPE_FILE_NAME):
             if (given / name).is_file():
                 return given / name
+        if (given / "tokenizer.json").is_file():  # transformers >= 5 saves only this file
+            raise ClipTextError(f"{origin} {given} holds tokenizer.json but no {HF_MERGES}; write it (and {HF_VOCAB}) "
+                                "beside it with python -c \"import sys, tokenizers; tokenizers.Tokenizer.from_file("
+                                f"sys.argv[1] + '/tokenizer.json').model.save(sys.argv[1])\" {given}")
         raise ClipTextError(f"{origin} {given} is a folder without {HF_MERGES} (a Hugging Face CLIP folder) "
                             f"or {BPE_FILE_NAME}; pass the vocabulary file or a folder holding it")
     if not given.is_file():

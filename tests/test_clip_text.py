@@ -120,6 +120,10 @@ def test_a_folder_gives_its_vocabulary(monkeypatch, tmp_path, shapes_tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(clip_text.ClipTextError, match="--bpe .* is a folder without merges.txt"):
         clip_text.find_bpe(tmp_path / "empty")
+    (tmp_path / "empty" / "tokenizer.json").write_text("{}")  # transformers >= 5 writes no merges.txt
+    with pytest.raises(clip_text.ClipTextError, match="tokenizer.json but no merges.txt; write it .*model.save"):
+        clip_text.find_bpe(tmp_path / "empty")
+    (tmp_path / "empty" / "tokenizer.json").unlink()
     assert clip_text.vocabulary_beside(tmp_path / "hf") == tmp_path / "hf" / "merges.txt"
     assert clip_text.vocabulary_beside(tmp_path / "empty") is None
     assert clip_text.vocabulary_beside(tmp_path / "hf" / "merges.txt") is None  # a weights file: none beside it
