@@ -499,6 +499,9 @@ def _config_from_shapes(weights: dict[str, torch.Tensor], heads: int | None) -> 
     """Rebuild the TextConfig from tensor shapes (in native/OpenAI key names), as CLIP's `build_model` does."""
     vocab_size, width = weights["token_embedding.weight"].shape
     layers = len({k.split(".")[2] for k in weights if k.startswith("transformer.resblocks.")})
+    if heads is None and width % 64:
+        raise ClipTextError(f"a text tower of width {width} has no 64-dimensional heads, the rule that gives the head "
+                            "count of OpenAI's files; load it from a folder whose config.json names num_attention_heads")
     return TextConfig(
         vocab_size=vocab_size,
         context_length=weights["positional_embedding"].shape[0],

@@ -298,6 +298,14 @@ def test_incomplete_or_foreign_checkpoints_are_clear_errors(tmp_path):
         clip_text.load_clip_text(tmp_path / "nothing")
 
 
+def test_an_openai_layout_tower_without_64_dimensional_heads_is_a_clear_error(tmp_path):
+    """OpenAI's files hold no head count; it is width // 64, which a width of 32 cannot follow."""
+    model = clip_text.TextEncoder(dataclasses.replace(TINY, width=32, heads=1))
+    save_file(openai_state(model), str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(clip_text.ClipTextError, match="width 32 has no 64-dimensional heads"):
+        clip_text.load_clip_text(tmp_path / "narrow.safetensors")
+
+
 def test_native_shape_mismatch_is_a_clear_error(tmp_path):
     clip_text.save_clip_text(clip_text.TextEncoder(TINY), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
