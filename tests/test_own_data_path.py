@@ -62,7 +62,7 @@ IMAGE_SIZE = 32  # data.py prepare --image-size: 32 px -> 4 x 4 tokens
 # A CLIP ViT-L/14 with every size cut down but the vocabulary and the context (the real BPE is used).
 CLIP_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_attention_heads=1, num_hidden_layers=1,
                  max_position_embeddings=77, projection_dim=32)  # one 64-dimensional head, OpenAI's rule
-CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+CLIP_VISION = dict(hidden_size=32, intermediate_size=128, num_attention_heads=2, num_hidden_layers=1, image_size=32,
                    patch_size=16, projection_dim=32)
 SHRINK = ["--set", "width=32", "--set", "layers=1", "--set", "heads=2"]  # the paper preset, cut down
 CAPTIONS = ["a red circle", "a blue square", "a green triangle above a red circle", "a small yellow square",
@@ -261,8 +261,9 @@ def free_port() -> int:
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_public_components_to_samples(public, tmp_path, capsys):
+def test_public_components_to_samples(public, tmp_path, capsys, monkeypatch):
     hf, work = public / "clip-vit-large-patch14", tmp_path
+    monkeypatch.chdir(ROOT)  # the README's commands run from the repository root
 
     # The Hugging Face folder's merges.txt is CLIP's BPE: the same ids as transformers' tokenizer.
     ours, reference = clip_text.Tokenizer(hf), torch.load(public / "reference.pt", weights_only=True)
@@ -271,7 +272,7 @@ def test_public_components_to_samples(public, tmp_path, capsys):
     valid = torch.arange(77) <= tokens.argmax(-1, keepdim=True)
     assert torch.equal(tokens[valid], reference["ids"][valid])
 
-    # Converting the public checkpoints (README, Training: "The public components").
+    # Converting the public checkpoints (README, Training, "On real data, from the public components").
     ok(vqgan.main, ["convert", public / "last.ckpt", work / "vqgan-gumbel-f8"], capsys)
     assert vqgan.load_vqgan(work / "vqgan-gumbel-f8").config.n_embed == N_EMBED
     assert "--trust-torchscript" in refused(clip_text.main, ["convert", public / "ViT-L-14.pt", work / "clip-openai"],
@@ -315,15 +316,22 @@ def test_public_components_to_samples(public, tmp_path, capsys):
     ok(train.main, [*common, "--steps", "3", "--resume"], capsys)
     assert json.loads((stage / "latest.json").read_text())["step"] == 3
 
-    # OpenAI's TorchScript release as --text-init (its BPE: open_clip's copy of OpenAI's file).
-    ok(train.main, ["--recipe", "none", "--preset", "paper", "--data", work / "tokens", "--text-init",
-                    public / "ViT-L-14.pt", "--trust-torchscript", "--out", work / "runs" / "openai", "--steps", "1",
-                    "--batch-size", "2", "--eval-every", "1", "--eval-captions", "2", "--device", "cpu", *SHRINK], capsys)
-    assert emage.load_checkpoint(work / "runs" / "openai" / "step-0000001")[1]["step"] == 1
+    # OpenAI's TorchScript release as --text-init, only with --trust-torchscript; its vocabulary
+    # from --bpe, here a folder (a Hugging Face one: the same merges).
+    openai = ["--recipe", "recipes/paper.toml", "--data", work / "tokens", "--text-init", public / "ViT-L-14.pt",
+              "--bpe", hf, "--out", work / "runs" / "paper-openai", "--steps", "1", "--batch-size", "2",
+              "--eval-every", "1", "--eval-captions", "2", "--device", "cpu", *SHRINK]
+    assert "--trust-torchscript" in refused(train.main, openai, capsys)
+    ok(train.main, [*openai, "--trust-torchscript"], capsys)
+    _, info = emage.load_checkpoint(work / "runs" / "paper-openai" / "stage1" / "latest")
+    assert info["step"] == 1 and Path(info["tokenizer_path"]).name == "merges.txt"
 
-    # Sampling from a checkpoint copied elsewhere: the VQGAN it names is gone, --vqgan supplies it.
+    # Sampling from the run, and from a checkpoint copied elsewhere (cp -rL .../latest): the VQGAN it
+    # names relative to itself is not there, --vqgan supplies it.
+    ok(sample.main, ["a red circle", "--checkpoint", stage / "latest", "--out", work / "in-place.png"], capsys)
     moved = work / "elsewhere" / "deeper" / "emage"
-    shutil.copytree(stage / "step-0000003", moved)
+    shutil.copytree(stage / "latest", moved)
+    assert json.loads((moved / "config.json").read_text())["step"] == 3
     assert "--vqgan" in refused(sample.main, ["a red circle", "--checkpoint", moved, "--out", work / "x.png"], capsys)
     ok(sample.main, ["a red circle", "--checkpoint", moved, "--vqgan", work / "vqgan-gumbel-f8",
                      "--out", work / "red.png"], capsys)
@@ -340,6 +348,10 @@ def test_public_components_to_samples(public, tmp_path, capsys):
     assert sorted(p.name for p in (work / "samples").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
     settings = json.loads((work / "samples" / "manifest.json").read_text())["settings"]
     assert settings["candidates"] == sample.DEFAULT_CANDIDATES and settings["rerank"] == "self"
+    ok(eval_fid.main, ["generate", "--checkpoint", moved, "--vqgan", work / "vqgan-gumbel-f8", "--captions", coco,
+                       "--out", work / "samples-clip", "--num-captions", 2, "--rerank", "clip", "--clip", hf,
+                       "--candidates", 2, "--device", "cpu"], capsys)  # the paper's ranking, by the HF CLIPModel
+    assert json.loads((work / "samples-clip" / "manifest.json").read_text())["settings"]["rerank"] == "clip"
     out = ok(eval_fid.main, ["fid", work / "samples", work / "coco.npz", *inception_flags, "--json", work / "fid.json"],
              capsys)
     assert "matrix square root (2048x2048, float64)" in out and "FID " in out  # the long step is announced
