@@ -46,7 +46,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_text import TextConfig, TextEncoder
-from files import atomic_write, write_json
+from files import FileError, atomic_write, check_bool, check_choice, check_float, check_int, is_whole, read_json, shown, write_json
 
 
 class EmageError(ValueError):
@@ -154,24 +154,96 @@ class EmageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EmageConfig":
-        d = dict(d)
-        try:
-            text = TextConfig(**d.pop("text"))
-            d["grid"] = tuple(d["grid"])
-            return cls(text=text, **d)
-        except (KeyError, TypeError) as e:
-            raise EmageError(f"config.json does not describe an EmageConfig ({e}); was it written by save_checkpoint?") from None
+        """The config of a config.json, every field checked (type, range, choice) before any
+        use: a hostile file is one EmageError, never an allocation (see _check_config)."""
+        if not isinstance(d, dict):
+            raise EmageError(f"config.json does not describe an EmageConfig (got {shown(d)}); was it written by save_checkpoint?")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise EmageError(f"config.json does not describe an EmageConfig (unknown fields {shown(unknown, 80)}); "
+                             "was it written by save_checkpoint?")
+        if "text" not in d or "grid" not in d:
+            raise EmageError("config.json does not describe an EmageConfig (no 'text' or 'grid'); was it written by save_checkpoint?")
+        text = d["text"]
+        if not isinstance(text, dict):
+            raise EmageError(f"config.json's text is not an object of fields, got {shown(text)}")
+        text_known = {f.name for f in fields(TextConfig)}
+        unknown = sorted(set(text) - text_known)
+        if unknown:
+            raise EmageError(f"config.json does not describe an EmageConfig (unknown text fields {shown(unknown, 80)}); "
+                             "was it written by save_checkpoint?")
+        grid = d["grid"]
+        if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+            raise EmageError(f"grid must be two whole numbers [rows, columns], got {shown(grid)}")
+        config = cls(**{**d, "text": TextConfig(**text), "grid": tuple(grid)})
+        _check_config(config)
+        return config
+
+
+# Bounds of every config field, checked before anything is allocated: far beyond any model
+# this code trains or loads (the paper's: 12 + 12 layers of width 768, 32 x 32 tokens, 8192
+# codes, 77 caption positions), yet small enough that a hostile config.json is refused
+# before it costs memory or time.
+MAX_LAYERS = 256
+MAX_WIDTH = 65536
+MAX_GRID_SIDE = 1024
+MAX_CODEBOOK = 2**20
+MAX_VOCAB = 2**20
+MAX_CONTEXT = 4096
+MAX_MLP_RATIO = 64.0
+MAX_PARAMETERS = 2**32  # ~4.3 billion (17 GB of fp32 weights); the paper's model has 250.5M
+
+
+def _parameter_count(c: EmageConfig) -> int:
+    """Parameters of Emage(c) without building it (the paper's model: 250.5M), for _check_config."""
+    t, w, K = c.text, c.width, c.codebook_size
+    text = t.vocab_size * t.width + t.context_length * t.width + 2 * t.width + t.width * t.embed_dim \
+        + t.layers * (12 * t.width**2 + 13 * t.width)
+    hidden = int(c.mlp_ratio * w)
+    block = 6 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * w + w) + (2 * w * t.width + 2 * w) + (w * w + w) \
+        + (w * hidden + hidden) + (hidden * w + w)
+    return text + (K + 1) * w + c.n * w + c.layers * block + 2 * w + w * K + K
 
 
 def _check_config(c: EmageConfig) -> None:
+    """Every field's type and range (ints are ints, floats finite, bools bools, strings in
+    their choice sets), the divisibility the attention needs, and the model's size."""
+    E = EmageError
+    check_int("codebook_size", c.codebook_size, 1, MAX_CODEBOOK, E)
+    if not isinstance(c.grid, (tuple, list)) or len(c.grid) != 2:
+        raise E(f"grid must be two whole numbers (rows, columns), got {shown(c.grid)}")
+    for side in c.grid:
+        check_int("each grid side", side, 1, MAX_GRID_SIDE, E)
+    check_int("width", c.width, 1, MAX_WIDTH, E)
+    check_int("layers", c.layers, 1, MAX_LAYERS, E)
+    check_int("heads", c.heads, 1, MAX_WIDTH, E)
     if c.width % c.heads:
-        raise EmageError(f"decoder width {c.width} is not divisible by heads {c.heads}; pick another pair")
-    if c.train_schedule not in SCHEDULES:
-        raise EmageError(f"unknown train_schedule {c.train_schedule!r}; choose linear or cosine")
-    if c.pass1 not in ("argmax", "sample"):
-        raise EmageError(f"unknown pass1 {c.pass1!r}; choose argmax or sample")
-    if not 0.0 <= c.caption_dropout < 1.0:
-        raise EmageError(f"caption_dropout must be in [0, 1), got {c.caption_dropout}")
+        raise E(f"decoder width {c.width} is not divisible by heads {c.heads}; pick another pair")
+    check_float("mlp_ratio", c.mlp_ratio, 0.0, MAX_MLP_RATIO, E, low_open=True)
+    if int(c.mlp_ratio * c.width) < 1:
+        raise E(f"mlp_ratio {c.mlp_ratio} x width {c.width} leaves the MLP without a hidden unit")
+    check_choice("train_schedule", c.train_schedule, SCHEDULES, E)
+    check_choice("pass1", c.pass1, ("argmax", "sample"), E)
+    check_bool("pass1_grad", c.pass1_grad, E)
+    check_bool("pass1_keep_seen", c.pass1_keep_seen, E)
+    check_float("caption_dropout", c.caption_dropout, 0.0, 1.0, E, high_open=True)
+    t = c.text
+    if not isinstance(t, TextConfig):
+        raise E(f"text must be a TextConfig, got {shown(t)}")
+    check_int("text.vocab_size", t.vocab_size, 2, MAX_VOCAB, E)
+    check_int("text.context_length", t.context_length, 2, MAX_CONTEXT, E)
+    check_int("text.width", t.width, 1, MAX_WIDTH, E)
+    check_int("text.heads", t.heads, 1, MAX_WIDTH, E)
+    if t.width % t.heads:
+        raise E(f"text width {t.width} is not divisible by text heads {t.heads}; pick another pair")
+    check_int("text.layers", t.layers, 1, MAX_LAYERS, E)
+    check_int("text.embed_dim", t.embed_dim, 1, MAX_WIDTH, E)
+    check_bool("text.causal", t.causal, E)
+    count = _parameter_count(c)
+    if count > MAX_PARAMETERS:
+        raise E(f"this config describes a model of {count:,} parameters, over the limit of {MAX_PARAMETERS:,}; "
+                "check its width, layers, grid and codebook_size")
 
 
 # ----------------------------------------------------------------------------------------
@@ -738,6 +810,29 @@ def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path
     return out
 
 
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024  # the paper's model has a header of ~60 KB
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header alone (its 8-byte length and
+    JSON, the length checked first), no tensor read. safetensors checks that the header's
+    offsets cover the file exactly, so a header can never claim more than the file holds."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+            raise EmageError(f"{path} is damaged or not a safetensors file (its header length is {length:,}); "
+                             "copy the checkpoint again")
+        with safe_open(str(path), "pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EmageError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: {str(e)[:160]}); "
+                         "copy the checkpoint again") from None
+
+
 def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Emage, dict]:
     """Rebuild the model from config.json and load model.safetensors strictly.
 
@@ -745,6 +840,12 @@ def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Ema
     vqgan_dir (both absolute), extra}. make_beyond(meta) -> the `beyond` object of a
     checkpoint that uses extensions (extensions.load_checkpoint passes it); without it such
     a checkpoint is refused.
+
+    Nothing is allocated before it is checked: config.json is read bounded and every field
+    checked (EmageConfig.from_dict), the model is built on the meta device and its tensor
+    names and shapes compared with the safetensors header (read without the tensors); only
+    then are the weights read, straight into that skeleton. A hostile config.json (ten
+    million layers, a 100,000 x 100,000 grid, a width of 2**40) fails in milliseconds.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -753,37 +854,63 @@ def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Ema
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise EmageError(f"{d} is not an Emage checkpoint (needs config.json and model.safetensors)")
     try:
-        meta = json.loads((d / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmageError(f"{d / 'config.json'} is not valid JSON ({e}); copy the checkpoint again") from None
+        meta = read_json(d / "config.json")
+    except FileError as e:
+        raise EmageError(f"{e}; copy the checkpoint again") from None
     if not isinstance(meta, dict) or "config" not in meta or "tokenizer" not in meta or "vqgan_dir" not in meta:
         raise EmageError(f"{d / 'config.json'} lacks the config, tokenizer or vqgan_dir entry; was it written by save_checkpoint?")
+    where = d / "config.json"
+    tokenizer, vqgan_dir = meta["tokenizer"], meta["vqgan_dir"]
+    if not isinstance(tokenizer, str) or not tokenizer or tokenizer in (".", "..") or "/" in tokenizer or "\\" in tokenizer:
+        raise EmageError(f"{where}: tokenizer must be the file name of the vocabulary beside it, got {shown(tokenizer)}")
+    if not isinstance(vqgan_dir, str) or not vqgan_dir or "\0" in vqgan_dir or len(vqgan_dir) > 4096:
+        raise EmageError(f"{where}: vqgan_dir must be a path relative to the checkpoint, got {shown(vqgan_dir)}")
+    variant = meta.get("variant")
+    if variant is not None and not (is_whole(variant) or (isinstance(variant, str) and len(variant) <= 8)):
+        raise EmageError(f"{where}: unknown variant {shown(variant)}; choose one of full, 1, 2, 3, ar")
+    step = meta.get("step", 0)
+    if not is_whole(step) or not 0 <= step < 2**63:
+        raise EmageError(f"{where}: step must be a whole number >= 0, got {shown(step)}")
+    if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("beyond") or {}, dict):
+        raise EmageError(f"{where}: extra and beyond must be objects of fields")
     if make_beyond is None and meta.get("beyond"):
-        raise EmageError(f"{d} uses features beyond the paper ({', '.join(meta['beyond'])}): "
+        raise EmageError(f"{d} uses features beyond the paper ({', '.join(map(str, meta['beyond']))[:120]}): "
                          "load it with extensions.load_checkpoint")
-    beyond = make_beyond(meta) if make_beyond is not None else None
-    model = Emage(EmageConfig.from_dict(meta["config"]), variant=meta.get("variant"), beyond=beyond)
     try:
-        state = load_file(str(d / "model.safetensors"), device=str(map_location))
-    except SafetensorError as e:
-        raise EmageError(f"{d / 'model.safetensors'} is damaged or not a safetensors file ({e}); copy the checkpoint again") from None
+        beyond = make_beyond(meta) if make_beyond is not None else None
+        config = EmageConfig.from_dict(meta["config"])
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+            model = Emage(config, variant=variant, beyond=beyond)
+    except EmageError as e:
+        raise EmageError(f"{where}: {e}") from None
     expected = model.state_dict()
+    weights = d / "model.safetensors"
+    stored = _safetensors_shapes(weights)
     for name, tensor in expected.items():
-        if name not in state:
+        if name not in stored:
             raise EmageError(f"{d}: tensor {name} is missing from model.safetensors; config.json and the weights disagree")
-        if state[name].shape != tensor.shape:
-            raise EmageError(f"{d}: tensor {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(tensor.shape)}")
-    for name in state:
+        if stored[name][1] != tuple(tensor.shape):
+            raise EmageError(f"{d}: tensor {name} has shape {stored[name][1]}, config.json implies {tuple(tensor.shape)}")
+        if not stored[name][0].startswith(("F", "BF")):
+            raise EmageError(f"{d}: tensor {name} holds {stored[name][0]}, not floating-point weights")
+    for name in stored:
         if name not in expected:
-            raise EmageError(f"{d}: unexpected tensor {name} in model.safetensors; config.json and the weights disagree")
-    model.load_state_dict(state, strict=True)
+            raise EmageError(f"{d}: unexpected tensor {shown(name, 80)} in model.safetensors; config.json and the weights disagree")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except SafetensorError as e:
+        raise EmageError(f"{weights} is damaged or not a safetensors file ({e}); copy the checkpoint again") from None
+    state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise EmageError(f"{d}: the weights leave part of the model unset; config.json and the weights disagree")
     model.eval()
     info = {
         "variant": model.variant,
-        "step": meta.get("step", 0),
-        "tokenizer_path": str((d / meta["tokenizer"]).resolve()),
-        "vqgan_dir": str((d / meta["vqgan_dir"]).resolve()),
-        "vqgan_relative": meta["vqgan_dir"],
+        "step": step,
+        "tokenizer_path": str((d / tokenizer).resolve()),
+        "vqgan_dir": str((d / vqgan_dir).resolve()),
+        "vqgan_relative": vqgan_dir,
         "extra": meta.get("extra", {}),
     }
     return model.to(map_location), info

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import emage
 from emage import Emage, EmageConfig, EmageError
+from files import is_whole, shown
 
 CONTRAST_WEIGHT = 0.25  # self_score's weight on the caption-against-contrast log-ratio (docs/results.md: re-ranking)
 RETIRED = {"relative_positions": False, "block_mask": 0.0}  # measured and removed; git history keeps them
@@ -36,13 +37,21 @@ class Beyond:
     object_mask: float = 0.0  # probability that a training mask also hides every token of one colour
     mirror_loss: float = 0.0  # weight of the caption-against-mirrored-caption term (variant 3)
 
-    def check(self, config: EmageConfig) -> "Beyond":
-        if not isinstance(self.colours, int) or self.colours < 0 or (self.colours and config.codebook_size % self.colours):
+    def check(self, config: EmageConfig | None = None) -> "Beyond":
+        """Each field's type and range; with `config`, also what it asks of the model (colours
+        divides codebook_size). Without it (a command line before the data is known), the
+        fields alone."""
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not is_whole(self.colours) or not 0 <= self.colours <= emage.MAX_CODEBOOK:
+            raise EmageError(f"colours={shown(self.colours)} must be 0 or a whole number that divides codebook_size")
+        if not number(self.object_mask) or not 0.0 <= self.object_mask <= 1.0:  # nan fails too
+            raise EmageError(f"object_mask must be a probability in [0, 1], got {shown(self.object_mask)}")
+        if not number(self.mirror_loss) or not 0.0 <= self.mirror_loss <= 1e6:
+            raise EmageError(f"mirror_loss must be a finite weight >= 0 (at most 1e6), got {shown(self.mirror_loss)}")
+        if config is None:
+            return self
+        if self.colours and config.codebook_size % self.colours:
             raise EmageError(f"colours={self.colours} must be 0 or divide codebook_size={config.codebook_size}")
-        if not 0.0 <= self.object_mask <= 1.0:  # nan fails too
-            raise EmageError(f"object_mask must be a probability in [0, 1], got {self.object_mask}")
-        if not 0.0 <= self.mirror_loss < float("inf"):
-            raise EmageError(f"mirror_loss must be a finite weight >= 0, got {self.mirror_loss}")
         if self.object_mask and not self.colours:
             raise EmageError("object_mask needs colour-factored codes: set colours (vqgan.PatternQuantizer) "
                              "or leave object_mask at 0")
@@ -114,14 +123,18 @@ def build(config: EmageConfig, beyond: Beyond | None = None, variant=None) -> Em
 
 def beyond_of(meta: dict) -> Beyond:
     """The Beyond of a checkpoint's config.json, also from checkpoints written before the split,
-    which kept these fields inside "config" (moved out here; retired fields must be off)."""
+    which kept these fields inside "config" (moved out here; retired fields must be off).
+    Every field is checked for its type and range (Beyond.check) before it is used."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    given = meta.get("beyond") or {}
+    if not isinstance(given, dict):
+        raise EmageError(f"config.json's beyond must be an object of extension settings, got {shown(given)}")
     legacy = {f.name: config.pop(f.name) for f in fields(Beyond) if f.name in config}
     for name, off in RETIRED.items():
         if config.pop(name, off) != off:
             raise EmageError(f"this checkpoint uses {name}, an experiment retired from the code; "
                              "load it with an older release of this project")
-    return Beyond.from_dict({**legacy, **(meta.get("beyond") or {})})
+    return Beyond.from_dict({**legacy, **given}).check()
 
 
 def load_checkpoint(ckpt_dir, map_location="cpu") -> tuple[Emage, dict]:
