@@ -20,10 +20,10 @@ Command line (the zero-shot COCO protocol is the first three, in any order of th
 
 `generate` draws as sample.py does (sample.DEFAULT_TEMPERATURE, DEFAULT_GUIDANCE, the best of
 DEFAULT_CANDIDATES by the generator's self-score); `--rerank clip --clip CKPT --candidates 16` is
-the paper's ranking.
-On real data the self-score hides random halves of the tokens (extensions.self_score's
-random_sets, 4 per candidate): `python eval_fid.py generate --help` says what that costs and
-what is known of it. W is pt_inception-2015-12-05-6726825d.pth (its SHA-256 is checked).
+the paper's ranking. On real data the self-score hides random halves of the tokens
+(extensions.self_score's random_sets, 4 per candidate): `python eval_fid.py generate --help`
+says what that costs and what is known of it. W is pt_inception-2015-12-05-6726825d.pth (its
+SHA-256 is checked).
 """
 from __future__ import annotations
 
