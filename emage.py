@@ -54,7 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_text import TextConfig, TextEncoder
-from files import FileError, atomic_write, check_bool, check_choice, check_float, check_int, is_whole, read_json, shown, write_json
+from files import (FileError, atomic_write, check_bool, check_choice, check_float, check_int, is_whole, read_json,
+                   safetensors_header, shown, write_json)
 
 
 class EmageError(ValueError):
@@ -810,29 +811,6 @@ def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path
     return out
 
 
-MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024  # the paper's model has a header of ~60 KB
-
-
-def _safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} from a safetensors file's header alone (its 8-byte length and
-    JSON, the length checked first), no tensor read. safetensors checks that the header's
-    offsets cover the file exactly, so a header can never claim more than the file holds."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
-            raise EmageError(f"{path} is damaged or not a safetensors file (its header length is {length:,}); "
-                             "copy the checkpoint again")
-        with safe_open(str(path), "pt") as f:
-            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise EmageError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: {str(e)[:160]}); "
-                         "copy the checkpoint again") from None
-
-
 def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Emage, dict]:
     """Rebuild the model from config.json and load model.safetensors strictly.
 
@@ -885,7 +863,10 @@ def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Ema
         raise EmageError(f"{where}: {e}") from None
     expected = model.state_dict()
     weights = d / "model.safetensors"
-    stored = _safetensors_shapes(weights)
+    try:
+        stored = safetensors_header(weights)
+    except FileError as e:
+        raise EmageError(f"{e}; copy the checkpoint again") from None
     for name, tensor in expected.items():
         if name not in stored:
             raise EmageError(f"{d}: tensor {name} is missing from model.safetensors; config.json and the weights disagree")

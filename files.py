@@ -28,6 +28,7 @@ MAX_IMAGE_BYTES = 256 * 1024 * 1024  # a file or archive member larger than this
 MAX_TEXT_CHUNK = 1024 * 1024  # PNG text chunks are inflated at most this far (Pillow's own guard)
 MAX_TEXT_MEMORY = 4 * MAX_TEXT_CHUNK  # all text chunks of one PNG together
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a config.json / meta.json larger than this is not read
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024  # the paper's model has a header of ~60 KB
 
 # Pillow's own guards, for every Image.open in a process that imports this file (also code
 # that does not go through open_image): no image over 2 x MAX_IMAGE_PIXELS is decoded (Pillow
@@ -205,6 +206,27 @@ def read_json(path, what: str | None = None, limit: int = MAX_JSON_BYTES):
         raise FileError(f"{what} is not valid JSON ({type(e).__name__}: {one_line(e)})") from None
     except OSError as e:
         raise FileError(f"{what} cannot be read ({one_line(e)})") from None
+
+
+def safetensors_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of a safetensors file from its header alone (the 8-byte length,
+    checked first, then the JSON), no tensor read. safetensors checks that the header's
+    offsets cover the file exactly, so a header never claims more than the file holds."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+            raise FileError(f"{path} is damaged or not a safetensors file (a header of {length:,} bytes)")
+        with safe_open(str(path), "pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except FileError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: {one_line(e, 160)})") from None
 
 
 # ----------------------------------------------------------------------------------------

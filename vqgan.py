@@ -13,7 +13,8 @@ the public checkpoints load with a one-to-one key mapping:
 Presets, trainers and evaluations of particular tokenizers live with the data they are
 made for, not here.
 
-Command line:
+Command line (an existing output is never replaced without --overwrite; convert replaces
+only an earlier conversion):
     python vqgan.py convert SRC OUT_DIR                 taming .ckpt -> config.json + model.safetensors
     python vqgan.py reconstruct IMAGE --checkpoint DIR --out PATH
 """
@@ -35,7 +36,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from files import FileError, atomic_write, open_image, to_uint8, write_json
+from files import (FileError, atomic_write, check_choice, check_float, check_int, check_output, is_whole, one_line,
+                   open_image, read_json, safetensors_header, shown, to_uint8, write_json)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +46,17 @@ TRAIN_STATE_NAME = "train_state.pt"  # optimizer and step for --resume; not part
 
 class VQGANError(ValueError):
     """A user error around VQGAN checkpoints, images or options."""
+
+
+# Bounds of every config field, checked before anything is built: far beyond the public taming
+# models (ch 128, ch_mult up to (1, 1, 2, 2, 4), 16384 codes, ~100M parameters).
+MAX_SIDE = 16384  # resolution and attention sides
+MAX_CHANNELS = 8192  # ch, z_channels, embed_dim, norm_groups
+MAX_LEVELS = 8  # entries of ch_mult: a downsampling factor up to 128
+MAX_CODES = 2**20
+MAX_PARAMETERS = 2**31  # ~2.1 billion; taming's f8-8192 VQGAN has ~100M
+MAX_RECONSTRUCT_PIXELS = 1024 * 1024  # `reconstruct` encodes at most 1024 x 1024 pixels (after --resize)
+MAX_SHEET_PIXELS = 64 * 1024 * 1024  # and writes a sheet of at most 64 MP
 
 
 @dataclass
@@ -66,20 +79,84 @@ class VQGANConfig:
     palette: tuple[tuple[int, int, int], ...] = ()  # non-empty: the decoder classifies each pixel over these RGB colours (see `to_image`)
 
     def __post_init__(self):
+        E = VQGANError
+        check_int("resolution", self.resolution, 1, MAX_SIDE, E)
+        check_int("in_channels", self.in_channels, 1, 64, E)
+        check_int("out_channels", self.out_channels, 1, 1024, E)
+        check_int("ch", self.ch, 1, MAX_CHANNELS, E)
+        if not isinstance(self.ch_mult, (list, tuple)) or not 1 <= len(self.ch_mult) <= MAX_LEVELS:
+            raise E(f"ch_mult must be a list of 1 to {MAX_LEVELS} whole numbers, got {shown(self.ch_mult)}")
+        for mult in self.ch_mult:
+            check_int("each ch_mult entry", mult, 1, 64, E)
+        check_int("num_res_blocks", self.num_res_blocks, 0, 64, E)
+        if not isinstance(self.attn_resolutions, (list, tuple)) or len(self.attn_resolutions) > 16:
+            raise E(f"attn_resolutions must be a list of at most 16 sides, got {shown(self.attn_resolutions)}")
+        for side in self.attn_resolutions:
+            check_int("each attn_resolutions entry", side, 1, MAX_SIDE, E)
+        check_int("z_channels", self.z_channels, 1, MAX_CHANNELS, E)
+        check_int("embed_dim", self.embed_dim, 1, MAX_CHANNELS, E)
+        check_int("n_embed", self.n_embed, 1, MAX_CODES, E)
+        check_choice("quantizer", self.quantizer, ("gumbel", "vector", "pattern"), E)
+        check_choice("encoder", self.encoder, ("taming", "patch"), E)
+        check_int("norm_groups", self.norm_groups, 1, MAX_CHANNELS, E)
+        check_float("beta", self.beta, 0.0, 1e6, E)
+        check_float("kl_weight", self.kl_weight, 0.0, 1e6, E)
+        if not isinstance(self.palette, (list, tuple)) or len(self.palette) > 1024 or not all(
+                isinstance(rgb, (list, tuple)) and len(rgb) == 3 and all(is_whole(v) and 0 <= v <= 255 for v in rgb)
+                for rgb in self.palette):
+            raise E(f"palette must be a list of at most 1024 [r, g, b] colours (0-255), got {shown(self.palette)}")
         self.ch_mult = tuple(self.ch_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
         self.palette = tuple(tuple(int(v) for v in rgb) for rgb in self.palette)
         if self.palette and self.out_channels != len(self.palette):
             raise VQGANError(f"a palette of {len(self.palette)} colours needs out_channels={len(self.palette)}, got {self.out_channels}")
-        if self.encoder not in ("taming", "patch"):
-            raise VQGANError(f"unknown encoder {self.encoder!r}: use 'taming' or 'patch'")
-        if self.quantizer not in ("gumbel", "vector", "pattern"):
-            raise VQGANError(f"unknown quantizer {self.quantizer!r}: use 'gumbel', 'vector' or 'pattern'")
         if self.quantizer == "pattern" and (not self.palette or self.n_embed % len(self.palette)):
             raise VQGANError(f"the pattern quantizer needs a palette whose size divides n_embed={self.n_embed}")
         widths = [self.ch] + [self.ch * m for m in self.ch_mult] + [self.z_channels]
         if any(w % self.norm_groups for w in widths):
             raise VQGANError(f"every channel count {sorted(set(widths))} must be divisible by norm_groups={self.norm_groups}")
+        count = self.parameter_count()
+        if count > MAX_PARAMETERS:
+            raise VQGANError(f"this config describes a VQGAN of {count:,} parameters, over the limit of {MAX_PARAMETERS:,}; "
+                             "check ch, ch_mult, z_channels and n_embed")
+
+    def parameter_count(self) -> int:
+        """Parameters and buffers of VQGAN(self), counted without building it."""
+        f, g = self.downsample_factor, 2  # every norm: weight and bias
+        if self.quantizer == "pattern":
+            return self.n_embed // len(self.palette) * f * f
+        def resnet(i, o):
+            return g * i + 9 * i * o + o + g * o + 9 * o * o + o + (i * o + o if i != o else 0)
+        def attn(c):
+            return g * c + 4 * (c * c + c)
+        def level(i, o, blocks, attention):
+            return resnet(i, o) + (blocks - 1) * resnet(o, o) + (blocks * attn(o) if attention else 0) if blocks else 0
+        widths = [self.ch * m for m in self.ch_mult]
+        deepest = widths[-1]
+        middle = 2 * resnet(deepest, deepest) + attn(deepest)
+        sides = [self.resolution // 2**i for i in range(len(widths))]
+        if self.encoder == "patch":
+            w = 4 * self.z_channels
+            encoder = self.in_channels * w * f * f + w + (self.num_res_blocks + 1) * 2 * (w * w + w) + w * self.z_channels + self.z_channels
+        else:
+            encoder, width = 9 * self.in_channels * self.ch + self.ch, self.ch
+            for i, (out, side) in enumerate(zip(widths, sides)):
+                encoder += level(width, out, self.num_res_blocks, side in self.attn_resolutions)
+                encoder += 9 * out * out + out if i != len(widths) - 1 else 0
+                width = out
+            encoder += middle + g * deepest + 9 * deepest * self.z_channels + self.z_channels
+        decoder, width = 9 * self.z_channels * deepest + deepest + middle, deepest
+        for i in reversed(range(len(widths))):
+            decoder += level(width, widths[i], self.num_res_blocks + 1, sides[i] in self.attn_resolutions)
+            decoder += 9 * widths[i] * widths[i] + widths[i] if i != 0 else 0
+            width = widths[i]
+        decoder += g * width + 9 * width * self.out_channels + self.out_channels
+        convs = 2 * self.z_channels * self.embed_dim + self.embed_dim + self.z_channels
+        if self.quantizer == "vector":
+            codebook = self.n_embed * self.embed_dim
+        else:
+            codebook = self.embed_dim * self.n_embed + self.n_embed + self.n_embed * self.embed_dim
+        return encoder + decoder + convs + codebook
 
     @property
     def downsample_factor(self) -> int:
@@ -107,10 +184,13 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VQGANConfig":
+        """The config of a config.json, every field checked (__post_init__) before anything is built."""
+        if not isinstance(data, dict):
+            raise VQGANError(f"the VQGAN config must be an object of fields, got {shown(data)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise VQGANError(f"unknown VQGAN config fields {unknown}: was the checkpoint written by a newer version?")
+            raise VQGANError(f"unknown VQGAN config fields {shown(unknown, 80)}: was the checkpoint written by a newer version?")
         return cls(**data)
 
 
@@ -560,18 +640,25 @@ def config_from_state_dict(state: dict[str, torch.Tensor], resolution: int = 256
             raise VQGANError(f"the checkpoint lacks {key!r}: it is not a taming VQGAN")
         return tuple(state[key].shape)
 
-    ch, in_channels = shape("encoder.conv_in.weight")[:2]
-    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
-    num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
-    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
-    attn = tuple(resolution // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state)
-    gumbel = "quantize.proj.weight" in state
-    n_embed, embed_dim = shape("quantize.embed.weight" if gumbel else "quantize.embedding.weight")
-    return VQGANConfig(
-        resolution=resolution, in_channels=in_channels, out_channels=shape("decoder.conv_out.weight")[0],
-        ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn,
-        z_channels=shape("decoder.conv_in.weight")[1], embed_dim=embed_dim, n_embed=n_embed,
-        quantizer="gumbel" if gumbel else "vector")
+    try:
+        ch, in_channels = shape("encoder.conv_in.weight")[:2]
+        levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
+        if not 1 <= levels <= MAX_LEVELS:
+            raise VQGANError(f"the checkpoint has {levels} encoder levels; a taming VQGAN has 1 to {MAX_LEVELS}")
+        num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
+        ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
+        attn = tuple(resolution // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state)
+        gumbel = "quantize.proj.weight" in state
+        n_embed, embed_dim = shape("quantize.embed.weight" if gumbel else "quantize.embedding.weight")
+        return VQGANConfig(
+            resolution=resolution, in_channels=in_channels, out_channels=shape("decoder.conv_out.weight")[0],
+            ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn,
+            z_channels=shape("decoder.conv_in.weight")[1], embed_dim=embed_dim, n_embed=n_embed,
+            quantizer="gumbel" if gumbel else "vector")
+    except (ValueError, IndexError, ZeroDivisionError) as error:  # VQGANError is a ValueError: keep its words
+        if isinstance(error, VQGANError):
+            raise
+        raise VQGANError(f"the checkpoint's tensors do not describe a taming VQGAN ({one_line(error)})") from None
 
 
 def taming_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -609,19 +696,39 @@ def save_vqgan(model: VQGAN, out_dir: str | Path, extra: dict | None = None) -> 
 
 
 def load_vqgan(path: str | Path) -> VQGAN:
-    """A VQGAN in eval mode from a native checkpoint directory, a taming .ckpt, or a taming-layout .safetensors."""
+    """A VQGAN in eval mode from a native checkpoint directory, a taming .ckpt, or a taming-layout .safetensors.
+
+    A native directory is checked before anything is allocated: config.json is read bounded
+    and every field checked (VQGANConfig), the model is built on the meta device and its
+    tensor names and shapes compared with the safetensors header; only then are weights read.
+    """
     path = Path(path)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise VQGANError(f"{path} is not a VQGAN checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
         try:
-            meta = json.loads((path / CONFIG_NAME).read_text())
+            meta = read_json(path / CONFIG_NAME)
+        except FileError as error:
+            raise VQGANError(f"{path} is a damaged checkpoint: {error}") from None
+        if not isinstance(meta, dict) or meta.get("model") != "vqgan" or "config" not in meta:
+            model_name = meta.get("model") if isinstance(meta, dict) else meta
+            raise VQGANError(f"{path / CONFIG_NAME} does not describe a VQGAN (model={shown(model_name)})")
+        try:
+            config = VQGANConfig.from_dict(meta["config"])
+        except VQGANError as error:
+            raise VQGANError(f"{path / CONFIG_NAME}: {error}") from None
+        source = str(path)
+        with torch.device("meta"):  # shapes only: nothing allocated
+            expected = VQGAN(config).state_dict()
+        try:
+            stored = safetensors_header(path / WEIGHTS_NAME)
+        except FileError as error:
+            raise VQGANError(f"{path} is a damaged checkpoint: {error}") from None
+        check_shapes(stored, expected, source)
+        try:
             state = load_file(path / WEIGHTS_NAME)
-        except (json.JSONDecodeError, SafetensorError, OSError) as error:
-            raise VQGANError(f"{path} is a damaged checkpoint: {str(error).splitlines()[0]}") from None
-        if meta.get("model") != "vqgan" or "config" not in meta:
-            raise VQGANError(f"{path / CONFIG_NAME} does not describe a VQGAN (model={meta.get('model')!r})")
-        config, source = VQGANConfig.from_dict(meta["config"]), str(path)
+        except (SafetensorError, OSError) as error:
+            raise VQGANError(f"{path} is a damaged checkpoint: {one_line(error)}") from None
     elif path.is_file():
         if path.suffix == ".safetensors":
             try:
@@ -637,6 +744,20 @@ def load_vqgan(path: str | Path) -> VQGAN:
     model = VQGAN(config)
     load_state_strict(model, state, source)
     return model.eval()
+
+
+def check_shapes(stored: dict, expected: dict, source: str) -> None:
+    """safetensors_header's {name: (dtype, shape)} against a (meta) model's state dict."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise VQGANError(f"{source} does not fit the configured VQGAN: missing {missing[:3]}, "
+                         f"unexpected {shown(unexpected[:3], 120)}")
+    for key, tensor in expected.items():
+        if stored[key][1] != tuple(tensor.shape):
+            raise VQGANError(f"{source}: {key} has shape {stored[key][1]}, the model expects {tuple(tensor.shape)}")
+        if not stored[key][0].startswith(("F", "BF")):
+            raise VQGANError(f"{source}: {key} holds {stored[key][0]}, not floating-point weights")
 
 
 # ---------------------------------------------------------------------------
@@ -667,7 +788,31 @@ def side_by_side(originals: np.ndarray, reconstructions: np.ndarray, scale: int 
 # Command line
 # ---------------------------------------------------------------------------
 
+def is_vqgan_folder(path: Path) -> bool:
+    """Whether `path` holds a native VQGAN checkpoint (what `convert` may replace with --overwrite)."""
+    try:
+        meta = read_json(path / CONFIG_NAME)
+    except FileError:
+        return False
+    names = {p.name for p in path.iterdir()}
+    return isinstance(meta, dict) and meta.get("model") == "vqgan" and names <= {CONFIG_NAME, WEIGHTS_NAME}
+
+
+def torch_device(name: str) -> torch.device:
+    """--device checked: a name torch knows, and a GPU that is there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise VQGANError(f"unknown device {shown(name)}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VQGANError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise VQGANError(f"unknown device {shown(name)}: use cpu, cuda or cuda:N")
+    return device
+
+
 def cmd_convert(args) -> None:
+    check_output(args.out_dir, args.overwrite, "folder", "OUT_DIR", ours=is_vqgan_folder)  # before any reading
     model = load_vqgan(args.src)
     save_vqgan(model, args.out_dir, {"converted_from": Path(args.src).name})
     c = model.config
@@ -675,15 +820,27 @@ def cmd_convert(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    model = load_vqgan(args.checkpoint).to(args.device)
+    if args.resize is not None:
+        check_int("--resize", args.resize, 1, math.isqrt(MAX_RECONSTRUCT_PIXELS), VQGANError)
+    check_int("--scale", args.scale, 1, 16, VQGANError)
+    check_output(args.out, args.overwrite, "file")
+    device = torch_device(args.device)
+    model = load_vqgan(args.checkpoint).to(device)
     image = open_image(args.image)
     if args.resize:
         image = image.resize((args.resize, args.resize), Image.BICUBIC)
+    if image.width * image.height > MAX_RECONSTRUCT_PIXELS:
+        raise VQGANError(f"{args.image} is {image.width}x{image.height}; reconstruct encodes at most "
+                         f"{MAX_RECONSTRUCT_PIXELS:,} pixels: pass --resize {model.config.resolution}")
     f = model.config.downsample_factor
     if image.width % f or image.height % f:
         raise VQGANError(f"{args.image} is {image.width}x{image.height}, not a multiple of {f}: "
                          f"pass --resize {model.config.resolution}")
-    batch = to_tensor([image]).to(args.device)  # (1, 3, H, W)
+    sheet_pixels = (2 * image.width + 2) * (image.height + 2) * args.scale**2
+    if sheet_pixels > MAX_SHEET_PIXELS:
+        raise VQGANError(f"the sheet would have {sheet_pixels:,} pixels, over the limit of {MAX_SHEET_PIXELS:,}; "
+                         "pass a smaller --scale or --resize")
+    batch = to_tensor([image]).to(device)  # (1, 3, H, W)
     with torch.no_grad():
         tokens = model.encode(batch)
         reconstruction = to_uint8(model.decode(tokens))
@@ -700,15 +857,18 @@ def main(argv=None) -> int:
 
     convert = sub.add_parser("convert", help="convert a taming .ckpt to the native format", formatter_class=formatter)
     convert.add_argument("src", help="taming Lightning .ckpt (or a taming-layout .safetensors)")
-    convert.add_argument("out_dir", help="output directory for config.json + model.safetensors")
+    convert.add_argument("out_dir", help="output directory for config.json + model.safetensors (new or empty)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR")
     convert.set_defaults(run=cmd_convert)
 
     rec = sub.add_parser("reconstruct", help="write original | reconstruction side by side", formatter_class=formatter)
     rec.add_argument("image", help="input image (any mode; converted to RGB)")
     rec.add_argument("--checkpoint", default="checkpoints/shapes/vqgan", help="VQGAN directory or taming .ckpt")
-    rec.add_argument("--out", default="reconstruction.png", help="PNG to write")
-    rec.add_argument("--resize", type=int, default=None, help="resize the image to this square side first")
-    rec.add_argument("--scale", type=int, default=1, help="pixel upscaling of the written sheet")
+    rec.add_argument("--out", default="reconstruction.png", help="PNG to write (never replaced without --overwrite)")
+    rec.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    rec.add_argument("--resize", type=int, default=None,
+                     help=f"resize the image to this square side first (at most {math.isqrt(MAX_RECONSTRUCT_PIXELS)})")
+    rec.add_argument("--scale", type=int, default=1, help="pixel upscaling of the written sheet (1-16)")
     rec.add_argument("--device", default="cpu", help="torch device")
     rec.set_defaults(run=cmd_reconstruct)
 
