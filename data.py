@@ -37,7 +37,9 @@ import json
 import os
 import random
 import sys
+import re
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +48,17 @@ from PIL import Image
 
 import shapes
 import vqgan
-from files import MAX_IMAGE_BYTES, FileError, atomic_write, center_crop_resize, open_image, write_json
+from files import (MAX_IMAGE_BYTES, FileError, atomic_write, center_crop_resize, check_int, is_whole, open_image, read_json,
+                   shown, write_json)
 
 FORMAT = "emage-token-shards"  # meta.json "format"; bump VERSION when the layout changes
 VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what folder and tar sources read
 DEFAULT_VQGAN = Path(__file__).resolve().parent / "checkpoints" / "shapes" / "patterns"
+MAX_CAPTION_BYTES = 64 * 1024  # a caption file or tar member larger than this counts as no caption (never read)
+MAX_GRID_SIDE = 1024  # token grids of a shard directory (emage.MAX_GRID_SIDE)
+MAX_SHARDS = 10**6
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # what reading a damaged (or compressed) tar raises
 
 
 class DataError(ValueError):
@@ -133,7 +140,10 @@ class ShapesSource:
 
 
 def _read_caption(path: Path) -> str | None:
+    """The caption in a .txt file, or None: missing, empty, not UTF-8, or over MAX_CAPTION_BYTES (not read)."""
     try:
+        if path.stat().st_size > MAX_CAPTION_BYTES:
+            return None
         return path.read_text(encoding="utf-8").strip() or None
     except (OSError, UnicodeDecodeError):
         return None
@@ -180,10 +190,10 @@ class TarSource:
     def _load(tar: tarfile.TarFile, members: dict):
         image = next((info for ext, info in members.items() if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
         caption = None
-        if "txt" in members:
+        if "txt" in members and members["txt"].size <= MAX_CAPTION_BYTES:  # a larger one is never read
             try:
                 caption = tar.extractfile(members["txt"]).read().decode("utf-8").strip() or None
-            except UnicodeDecodeError:
+            except (UnicodeDecodeError, *TAR_ERRORS):
                 caption = None
         if image is None:
             return caption, lambda: None
@@ -249,8 +259,12 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def load_example(load, size: int):
     """Run an item's `load` and preprocess: (caption, image), the caption None when there is
-    none, the image None when it is missing, unreadable, truncated or too large (files.FileError)."""
-    caption, read = load()
+    none, the image None when it is missing, unreadable, truncated or too large (files.FileError)
+    or when the item itself cannot be read."""
+    try:
+        caption, read = load()
+    except (*TAR_ERRORS, ValueError):  # a damaged archive member: unreadable, not captionless
+        return "", None
     if caption is None:
         return None, None
     try:
@@ -259,7 +273,7 @@ def load_example(load, size: int):
             return caption, None
         image.load()  # a source's lazy PIL image: a file truncated after its header fails only here
         return caption, center_crop_resize(image.convert("RGB"), size)
-    except (FileError, OSError, tarfile.TarError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (FileError, *TAR_ERRORS, ValueError, SyntaxError, Image.DecompressionBombError):
         return caption, None
 
 
@@ -397,15 +411,25 @@ def prepare(source, vqgan_dir, out_dir, *, shard_size: int = 10_000, batch_size:
 
 
 def _check_or_claim(out: Path, header: dict) -> None:
-    """Refuse to mix shards of another source, VQGAN or shard size into `out`."""
+    """Refuse to mix shards of another source, VQGAN or shard size into `out`, and to write
+    into a folder that holds anything but an earlier prepare (its own prepare.json)."""
     claim = out / "prepare.json"
     if claim.is_file():
-        previous = json.loads(claim.read_text())
+        try:
+            previous = read_json(claim)
+        except FileError as e:
+            raise DataError(f"{e}; {out} is not a prepare this command can resume: choose a new --out") from None
+        if not isinstance(previous, dict):
+            raise DataError(f"{claim} is not a prepare record; choose a new --out")
         for field in ("source", "vqgan_fingerprint", "image_size", "shard_size", "version"):
             if previous.get(field) != header[field]:
-                raise DataError(f"{out} holds shards prepared with another {field} ({previous.get(field)!r}); "
+                raise DataError(f"{out} holds shards prepared with another {field} ({shown(previous.get(field), 80)}); "
                                 f"choose a new --out or delete it")
         return
+    others = [p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    if others:
+        raise DataError(f"--out {out} holds other files ({shown(sorted(others)[:3], 80)}) and no prepare.json; "
+                        "prepare writes only into a new or empty folder, or resumes its own: choose another --out")
     write_json(claim, header)
 
 
@@ -451,6 +475,50 @@ def write_token_shards(out_dir, captions: list[str], codes: np.ndarray, *, grid:
 # ----------------------------------------------------------------------------------------
 
 
+def _plain_name(value) -> bool:
+    """A file name inside the shard directory: no folder, no way out of it."""
+    return isinstance(value, str) and 0 < len(value) <= 255 and "/" not in value and "\\" not in value \
+        and value not in (".", "..") and "\0" not in value
+
+
+def _check_meta(path: Path) -> dict:
+    """meta.json, read bounded, every field checked: types, ranges, shard file names and counts."""
+    try:
+        meta = read_json(path)
+    except FileError as e:
+        raise DataError(f"{e}; prepare it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DataError(f"{path} is not a version-{VERSION} {FORMAT} directory; prepare it again")
+    try:
+        grid = meta.get("grid")
+        if not isinstance(grid, list) or len(grid) != 2:
+            raise DataError(f"grid must be [rows, columns], got {shown(grid)}")
+        for side in grid:
+            check_int("each grid side", side, 1, MAX_GRID_SIDE, DataError)
+        check_int("codebook_size", meta.get("codebook_size"), 1, 2**16, DataError)
+        check_int("image_size", meta.get("image_size", 0), 0, 1 << 20, DataError)
+        for field in ("source", "vqgan", "vqgan_fingerprint"):
+            if not isinstance(meta.get(field, ""), str):
+                raise DataError(f"{field} must be text, got {shown(meta.get(field))}")
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or len(shards) > MAX_SHARDS:
+            raise DataError(f"shards must be a list of at most {MAX_SHARDS:,} shards")
+        for shard in shards:
+            if not isinstance(shard, dict) or not _plain_name(shard.get("tokens")) or not _plain_name(shard.get("captions")):
+                raise DataError(f"each shard must name its tokens and captions files in the folder, got {shown(shard, 80)}")
+            check_int("a shard's count", shard.get("count"), 0, 2**40, DataError)
+        total = sum(shard["count"] for shard in shards)
+        if "num_examples" in meta and meta["num_examples"] != total:
+            raise DataError(f"num_examples is {shown(meta['num_examples'])} but the shards hold {total}")
+        if not isinstance(meta.get("skipped", {}), dict):
+            raise DataError("skipped must be an object of counts")
+    except DataError as e:
+        raise DataError(f"{path}: {e}; prepare it again") from None
+    meta.setdefault("source", "")
+    meta.setdefault("skipped", {})
+    return meta
+
+
 class TokenShards:
     """A token-shard directory, memory-mapped: `dataset[i] -> (caption, codes uint16[n])`.
 
@@ -463,26 +531,49 @@ class TokenShards:
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"{self.root} has no meta.json; prepare it with `python data.py prepare --out {self.root}` (or finish an interrupted prepare)")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise DataError(f"{meta_path} is not a version-{VERSION} {FORMAT} directory; prepare it again")
+        self.meta = _check_meta(meta_path)
         self.grid = tuple(self.meta["grid"])
         self.codebook_size = int(self.meta["codebook_size"])
         self.tokens, self.captions, self.offsets, counts = [], [], [], []
+        n = self.grid[0] * self.grid[1]
         for shard in self.meta["shards"]:
-            tokens = np.load(self.root / shard["tokens"], mmap_mode="r")  # (m, n) uint16, on disk
-            text = np.memmap(self.root / shard["captions"], dtype=np.uint8, mode="r") if shard["count"] else np.zeros(0, np.uint8)
-            ends = np.flatnonzero(text == ord("\n")) + 1  # end of every line
-            if len(tokens) != shard["count"] or len(ends) != shard["count"]:
-                raise DataError(f"{self.root / shard['tokens']} does not match meta.json ({len(tokens)} rows, {len(ends)} captions, "
-                                f"{shard['count']} expected); prepare it again")
+            tokens_path, captions_path, count = self.root / shard["tokens"], self.root / shard["captions"], shard["count"]
+            try:
+                tokens = np.load(tokens_path, mmap_mode="r")  # (m, n) uint16, on disk; the header is read, not the rows
+            except (OSError, ValueError, EOFError) as e:
+                raise DataError(f"{tokens_path} is missing or not a .npy array ({type(e).__name__}: {str(e)[:120]}); "
+                                "prepare it again") from None
+            if tokens.dtype != np.uint16 or tokens.shape != (count, n):
+                raise DataError(f"{tokens_path} holds {tokens.dtype} {tuple(tokens.shape)}, meta.json says uint16 "
+                                f"({count}, {n}); prepare it again")
+            text, ends = self._caption_lines(captions_path, count)
+            if len(ends) != count:
+                raise DataError(f"{tokens_path} does not match meta.json ({len(tokens)} rows, {len(ends)} captions, "
+                                f"{count} expected); prepare it again")
             self.tokens.append(tokens)
             self.captions.append(text)
             self.offsets.append(np.concatenate([[0], ends]))
-            counts.append(shard["count"])
+            counts.append(count)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first row
         if self.starts[-1] == 0:
             raise DataError(f"{self.root} holds no examples")
+
+    @staticmethod
+    def _caption_lines(path: Path, count: int):
+        """(the captions file memory-mapped, the end offset of every line), its size checked
+        against `count` captions of at most MAX_CAPTION_BYTES and scanned in 16 MiB pieces."""
+        if not count:
+            return np.zeros(0, np.uint8), np.zeros(0, np.int64)
+        try:
+            size = path.stat().st_size
+            if size > count * (MAX_CAPTION_BYTES + 256):
+                raise DataError(f"{path} holds {size:,} bytes for {count} captions; prepare it again")
+            text = np.memmap(path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is missing or unreadable ({type(e).__name__}); prepare it again") from None
+        piece = 16 << 20
+        ends = [np.flatnonzero(text[i:i + piece] == ord("\n")) + (i + 1) for i in range(0, len(text), piece)]
+        return text, np.concatenate(ends) if ends else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -496,7 +587,14 @@ class TokenShards:
     def caption(self, i: int) -> str:
         k, j = self._locate(i)
         line = self.captions[k][self.offsets[k][j]:self.offsets[k][j + 1]].tobytes()
-        return json.loads(line)["caption"]
+        try:
+            caption = json.loads(line)["caption"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            caption = None
+        if not isinstance(caption, str):
+            raise DataError(f"{self.root / self.meta['shards'][k]['captions']}: line {j + 1} is not a caption record; "
+                            "prepare it again")
+        return caption
 
     def __getitem__(self, i: int) -> tuple[str, np.ndarray]:
         k, j = self._locate(i)
@@ -505,7 +603,11 @@ class TokenShards:
     def batch(self, indices) -> tuple[list[str], torch.Tensor]:
         """(captions, codes LongTensor[B, n]) for a list of global indices."""
         captions, rows = zip(*(self[int(i)] for i in indices))
-        return list(captions), torch.from_numpy(np.stack(rows).astype(np.int64))
+        codes = np.stack(rows)
+        if codes.size and int(codes.max()) >= self.codebook_size:
+            raise DataError(f"{self.root} holds code {int(codes.max())}, beyond its codebook of {self.codebook_size}; "
+                            "prepare it again")
+        return list(captions), torch.from_numpy(codes.astype(np.int64))
 
 
 @functools.lru_cache(maxsize=2)
@@ -532,16 +634,44 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> n
 # ----------------------------------------------------------------------------------------
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's variables, checked: stray ones are one clear error."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise DataError("WORLD_SIZE or RANK is not a number; unset them, or start with torchrun") from None
+    if world > 1 and not all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT")):
+        raise DataError(f"WORLD_SIZE={world} is set but MASTER_ADDR/MASTER_PORT are not: start with torchrun, "
+                        "or unset WORLD_SIZE and RANK")
+    if not (1 <= world <= 65536 and 0 <= rank < world):
+        raise DataError(f"RANK={rank} does not fit WORLD_SIZE={world}; start with torchrun, or unset them")
+    return rank, world
+
+
+def check_prepare_args(args) -> None:
+    """Every number of `prepare`, before any work."""
+    check_int("--examples", args.examples, 1, 10**9, DataError)
+    check_int("--seed", args.seed, 0, 2**63 - 1, DataError)
+    if args.image_size is not None:
+        check_int("--image-size", args.image_size, 1, 8192, DataError)
+    check_int("--shard-size", args.shard_size, 1, 10**7, DataError)
+    check_int("--batch-size", args.batch_size, 1, 4096, DataError)
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1, 1024, DataError)
+
+
 def cmd_prepare(args) -> None:
+    check_prepare_args(args)
+    rank, world = distributed_rank()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if min(args.shard_size, args.batch_size, 1 if args.image_size is None else args.image_size) < 1:
-        raise DataError("--shard-size, --batch-size and --image-size must be positive")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError):
         raise DataError(f"--device {args.device!r} is not usable here; use cpu, cuda or cuda:N") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a new or empty folder")
     if world > 1:
         torch.distributed.init_process_group("gloo")
     source = open_source(args.source, args.examples, args.seed)
@@ -556,6 +686,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_show(args) -> None:
+    check_int("--count", args.count, 0, 10**6, DataError)
     data = TokenShards(args.dir)
     m = data.meta
     print(f"{len(data)} examples, {len(m['shards'])} shards, grid {m['grid']}, {m['codebook_size']} codes, "
@@ -588,7 +719,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (DataError, vqgan.VQGANError, OSError) as e:
+    except (DataError, vqgan.VQGANError, FileError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
