@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import emage
 import extensions
-from files import atomic_write, write_json
+from files import FileError, atomic_write, check_int, is_whole, read_json, shown, write_json
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
@@ -484,24 +484,43 @@ def load_onnx(onnx_dir, device: str = "cpu", threads: int = 0):
 
 
 def read_config(folder: Path) -> dict:
-    """config.json of an exported folder, checked for the graphs it names."""
+    """config.json of an exported folder, read bounded, every field checked before use: the
+    graphs it names (plain file names that exist), the generator's and the VQGAN's configs
+    (emage.EmageConfig.from_dict, vqgan.VQGANConfig.from_dict), the vocabulary, variant and step."""
+    import vqgan
+
     path = folder / "config.json"
     if not path.is_file():
         raise ExportError(f"{folder} holds no exported graphs (no config.json); run "
                           f"python export_onnx.py --checkpoint DIR --out {folder}")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{path} is not valid JSON ({error}); export again with export_onnx.py") from None
+        meta = read_json(path)
+    except FileError as error:
+        raise ExportError(f"{error}; export again with export_onnx.py") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportError(f"{path} was not written by export_onnx.py; export again with export_onnx.py")
     missing = sorted({"graphs", "config", "vqgan_config", "tokenizer"} - set(meta))
-    if missing or set(meta["graphs"]) != set(GRAPHS):
+    if missing or not isinstance(meta["graphs"], dict) or set(meta["graphs"]) != set(GRAPHS):
         raise ExportError(f"{path} lacks {missing or 'graphs'}: it was written by another version of "
                           "export_onnx.py; export again")
+    for file in (*meta["graphs"].values(), meta["tokenizer"]):
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file or file in (".", ".."):
+            raise ExportError(f"{path} names {shown(file)} where a file of the folder belongs; export again")
     for file in meta["graphs"].values():
         if not (folder / file).is_file():
             raise ExportError(f"{folder / file} is missing; export again with export_onnx.py")
+    variant, step = meta.get("variant"), meta.get("step", 0)
+    if variant is not None and not (is_whole(variant) or (isinstance(variant, str) and len(variant) <= 8)):
+        raise ExportError(f"{path}: unknown variant {shown(variant)}; export again")
+    if not is_whole(step) or not 0 <= step < 2**63 or not isinstance(meta.get("extra", {}), dict):
+        raise ExportError(f"{path}: step must be a whole number >= 0 and extra an object; export again")
+    try:
+        emage.EmageConfig.from_dict(meta["config"])
+        if variant is not None:
+            emage.parse_variant(variant)
+        vqgan.VQGANConfig.from_dict(meta["vqgan_config"])
+    except (emage.EmageError, vqgan.VQGANError) as error:
+        raise ExportError(f"{path}: {error}; export again with export_onnx.py") from None
     return meta
 
 
@@ -730,18 +749,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MIN_OPSET = 14  # scaled dot-product attention
+MAX_BATCH = 64  # example inputs are traced at this batch at most (the batch axis stays dynamic)
+
+
+def max_opset() -> int:
+    """The newest opset torch's TorchScript-based exporter writes."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import vqgan
 
     try:
-        if args.opset < 14:
-            raise ExportError(f"--opset {args.opset} is too old: scaled dot-product attention needs opset 14 or later")
-        if args.batch < 1 or args.check_batch < 1:
-            raise ExportError(f"--batch and --check-batch must be at least 1, got {args.batch} and {args.check_batch}")
+        if not is_whole(args.opset) or not MIN_OPSET <= args.opset <= max_opset():
+            raise ExportError(f"--opset {args.opset} is outside what this export supports: scaled dot-product attention "
+                              f"needs opset {MIN_OPSET} or later and torch {torch.__version__} writes up to {max_opset()}")
+        check_int("--batch", args.batch, 1, MAX_BATCH, ExportError)
+        check_int("--check-batch", args.check_batch, 1, MAX_BATCH, ExportError)
         export_checkpoint(args.checkpoint, args.out, args.opset, args.batch, args.check_batch, overwrite=args.overwrite)
         print(args.out / "config.json")
-    except (ExportError, emage.EmageError, vqgan.VQGANError, OSError) as error:
+    except (ExportError, emage.EmageError, vqgan.VQGANError, FileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

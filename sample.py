@@ -49,7 +49,7 @@ import emage
 import extensions
 import shapes
 import vqgan
-from files import FileError, atomic_write, open_image
+from files import MAX_IMAGE_PIXELS, FileError, atomic_write, open_image, png_text
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"
@@ -58,6 +58,9 @@ DEFAULT_TEMPERATURE = 0.7  # token sampling temperature; 1 draws from the model 
 DEFAULT_GUIDANCE = 1.5  # classifier-free guidance scale; 1 turns it off and halves the work per round
 DEFAULT_CANDIDATES = 8  # drawn per image and re-ranked by --rerank (--backend torch; ONNX draws 1)
 MAX_STEPS = 1024  # more rounds than any grid has tokens is never useful
+MAX_OUTPUT_PIXELS = MAX_IMAGE_PIXELS  # no PNG written is larger than the largest image the scripts read (64 MP)
+MAX_STRIP_FRAMES_PIXELS = 16 * 1024 * 1024  # --show-steps decodes rounds x canvas pixels at most this many
+MAX_PLACE = 65536  # --place offsets, in canvas pixels
 
 
 class SampleError(ValueError):
@@ -331,6 +334,61 @@ def output_paths(args, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(count)]
 
 
+def is_sample_png(path: Path) -> bool:
+    """Whether `path` is a PNG that sample.py wrote: a `parameters` text chunk holding its JSON
+    (read with files.png_text: bounded, no pixel decoded). Only such a file is replaced
+    without --overwrite."""
+    try:
+        parameters = json.loads(png_text(path).get("parameters", ""))
+    except (FileError, ValueError, RecursionError):
+        return False
+    return isinstance(parameters, dict) and "prompt" in parameters and "seed" in parameters
+
+
+def planned_outputs(args) -> list[Path]:
+    """Every file this command will write: the images, and their -steps / -edit strips."""
+    paths = []
+    for path in output_paths(args, args.num_images):
+        paths.append(path)
+        if args.show_steps:
+            paths.append(path.with_name(f"{path.stem}-steps.png"))
+        if args.show_edit:
+            paths.append(path.with_name(f"{path.stem}-edit.png"))
+    return paths
+
+
+def check_outputs(args) -> None:
+    """No file is replaced unless sample.py wrote it (a re-run with other settings replaces its
+    own PNG) or --overwrite is given; a folder where a PNG belongs is refused."""
+    for path in planned_outputs(args):
+        if path.is_dir():
+            raise SampleError(f"{path} is a folder; pass --out a PNG name or another folder")
+        if path.exists() and not args.overwrite and not is_sample_png(path):
+            raise SampleError(f"{path} exists and was not written by sample.py; pass --overwrite to replace it, "
+                              "or choose another --out")
+
+
+def check_output_size(args, image_size: tuple[int, int]) -> None:
+    """Refuse absurd outputs before any work: no PNG over MAX_OUTPUT_PIXELS (the image, the
+    --show-steps strip of every round, the --show-edit strip, each upscaled), and no
+    --show-steps that would decode more than MAX_STRIP_FRAMES_PIXELS."""
+    H, W = image_size
+    up = args.upscale
+    sizes = {"the image": (W * up, H * up)}
+    if args.show_steps:
+        rounds = args.steps  # at most one frame per round ("full" and "ar" give one)
+        if rounds * H * W > MAX_STRIP_FRAMES_PIXELS:
+            raise SampleError(f"--show-steps would decode {rounds} rounds of {W}x{H} pixels, over the limit of "
+                              f"{MAX_STRIP_FRAMES_PIXELS:,} pixels; pass fewer --steps")
+        sizes["the --show-steps strip"] = ((rounds * (W + 2) - 2) * up, H * up)
+    if args.show_edit:
+        sizes["the --show-edit strip"] = ((3 * W + 4) * up, H * up)
+    for what, (width, height) in sizes.items():
+        if width * height > MAX_OUTPUT_PIXELS:
+            raise SampleError(f"{what} would be {width}x{height} pixels, over the limit of {MAX_OUTPUT_PIXELS:,}; "
+                              "pass a smaller --upscale" + (" or fewer --steps" if "steps" in what else ""))
+
+
 def check_args(args) -> None:
     if not 1 <= args.steps <= MAX_STEPS:
         raise SampleError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
@@ -361,10 +419,15 @@ def check_args(args) -> None:
         raise SampleError("pass one of --mask, --region and --place")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise SampleError(f"--strength is the fraction of tokens to redraw, in (0, 1], got {args.strength}")
+    if args.region is not None:
+        parse_numbers(args.region, 4, "--region")  # its bounds are checked against the canvas
+    if args.place is not None and any(abs(v) > MAX_PLACE for v in parse_numbers(args.place, 2, "--place")):
+        raise SampleError(f"--place x,y must be within {MAX_PLACE} pixels of the canvas, got {args.place}")
     if args.init_image is not None and args.algorithm in ("full", "ar"):
         raise SampleError(f"editing needs algorithm 1 or 3 (mask-predict), not --algorithm {args.algorithm}")
     if args.init_image is not None and args.backend == "onnx":
         raise SampleError("editing needs the VQGAN encoder, which the exported ONNX graphs lack: use --backend torch")
+    check_outputs(args)
 
 
 def contrast_caption(args) -> str | None:
@@ -396,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT, help="Emage checkpoint folder")
     parser.add_argument("--vqgan", type=Path, default=None,
                         help="VQGAN folder to decode with (default: the one the checkpoint names, relative to itself)")
-    parser.add_argument("--out", help="output PNG, or a folder (default: outputs/<prompt>-<seed>.png)")
+    parser.add_argument("--out", help="output PNG, or a folder (default: outputs/<prompt>-<seed>.png); an existing "
+                        "file is replaced only if sample.py wrote it, or with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing files at the output paths even if sample.py did not write them")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
     parser.add_argument("--num-images", type=int, default=1, help="images to draw, in one batch")
     parser.add_argument("--steps", type=int, default=16, help="mask-predict rounds T (the paper uses 16)")
@@ -468,6 +534,7 @@ def main(argv=None) -> int:
             pipe = Pipeline.load(args.checkpoint, device, vqgan_dir=args.vqgan)
         if args.upscale is None:
             args.upscale = max(1, -(-256 // pipe.image_size[1]))
+        check_output_size(args, pipe.image_size)
         clip = None
         if args.candidates > 1 and args.rerank == "clip":
             import clip_image  # the paper's re-ranker, off by default
