@@ -27,7 +27,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,9 @@ import torch.nn.functional as F
 import clip_text
 import shapes
 from clip_text import LayerNorm, TextConfig, TextEncoder, Transformer
-from files import FileError, atomic_write, open_image, write_json
-from shapes_tokenizers import SHAPES_BPE_PATH, SHAPES_VOCAB_SIZE, TokenizerError, check_output
+from files import (MAX_IMAGE_PIXELS, FileError, atomic_write, check_float, check_int, check_output, one_line, open_image,
+                   read_json, shown, write_json)
+from shapes_tokenizers import SHAPES_BPE_PATH, SHAPES_VOCAB_SIZE, TokenizerError
 
 ROOT = Path(__file__).resolve().parent
 SHAPES_CLIP = ROOT / "checkpoints" / "shapes" / "clip"
@@ -89,6 +90,57 @@ class VisionConfig:
         """A tiny tower for the 64x64 shapes world: 4 x 4 patches of 16 px, width 32, 2 layers, so
         that it trains in minutes on one shared CPU thread (8 px patches cost 4x more per step)."""
         return cls(image_size=64, patch_size=16, width=32, heads=2, layers=2, embed_dim=32)
+
+
+def check_vision_config(config: VisionConfig) -> VisionConfig:
+    """Every field's type and range before anything is built (OpenAI's largest tower: ViT-L/14 at
+    336 px, 24 layers of width 1024), and the patches fitting the image."""
+    E = ClipImageError
+    check_int("vision image_size", config.image_size, 1, 4096, E)
+    check_int("vision patch_size", config.patch_size, 1, config.image_size, E)
+    check_int("vision width", config.width, 1, 65536, E)
+    check_int("vision heads", config.heads, 1, config.width, E)
+    if config.width % config.heads:
+        raise E(f"vision width {config.width} is not divisible by vision heads {config.heads}")
+    check_int("vision layers", config.layers, 1, 256, E)
+    check_int("vision embed_dim", config.embed_dim, 1, 65536, E)
+    count = config.layers * 12 * config.width**2 + (config.grid**2 + 1) * config.width \
+        + 3 * config.patch_size**2 * config.width + config.width * config.embed_dim
+    if count > 2**32:
+        raise E(f"this vision config describes {count:,} parameters, over the limit of {2**32:,}")
+    return config
+
+
+def config_of(fields_: dict, cls, what: str):
+    """VisionConfig / TextConfig from a config.json object, every field checked before use."""
+    import emage
+
+    if not isinstance(fields_, dict):
+        raise ClipImageError(f"{what} must be an object of fields, got {shown(fields_)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        raise ClipImageError(f"{what} names unknown fields {shown(unknown, 80)}; was it written by save_clip?")
+    config = cls(**fields_)
+    if cls is VisionConfig:
+        return check_vision_config(config)
+    try:  # the text tower's fields: emage's checks of a text config (types, ranges, heads dividing width)
+        emage._check_config(emage.EmageConfig(text=config))
+    except emage.EmageError as e:
+        raise ClipImageError(f"{what}: {e}") from None
+    return config
+
+
+def _read_meta(config_path: Path | None) -> dict:
+    if config_path is None:
+        return {}
+    try:
+        meta = read_json(config_path)
+    except FileError as e:
+        raise ClipImageError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise ClipImageError(f"{config_path} is not an object of fields; is it a CLIP config.json?")
+    return meta
 
 
 def shapes_text_config() -> TextConfig:
@@ -276,22 +328,30 @@ def hf_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _config_from_shapes(weights: dict[str, torch.Tensor], heads: int | None) -> VisionConfig:
     """Rebuild the VisionConfig from tensor shapes (native key names), as CLIP's `build_model` does."""
-    width, _, patch, _ = weights["conv1.weight"].shape
-    grid = math.isqrt(weights["positional_embedding"].shape[0] - 1)
-    layers = len({k.split(".")[2] for k in weights if k.startswith("transformer.resblocks.")})
-    return VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
-                        heads=heads or width // 64,  # every OpenAI CLIP vision tower uses 64-dimensional heads
-                        layers=layers, embed_dim=weights["proj"].shape[1])
+    try:
+        width, _, patch, _ = weights["conv1.weight"].shape
+        grid = math.isqrt(weights["positional_embedding"].shape[0] - 1)
+        layers = len({k.split(".")[2] for k in weights if k.startswith("transformer.resblocks.")})
+        config = VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
+                              heads=heads or max(1, width // 64),  # OpenAI's vision towers use 64-dimensional heads
+                              layers=layers, embed_dim=weights["proj"].shape[1])
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise ClipImageError(f"the weights do not describe a CLIP vision tower ({type(e).__name__}: {one_line(e)})") from None
+    return check_vision_config(config)
 
 
 def _hf_vision_heads(config_path: Path) -> int:
     """Attention heads from a Hugging Face config.json (CLIPModel nests the vision part)."""
-    config = json.loads(config_path.read_text())
+    config = _read_meta(config_path)
     vision = config.get("vision_config") or config
+    if not isinstance(vision, dict):
+        raise ClipImageError(f"{config_path}: vision_config must be an object of fields")
     act, eps = vision.get("hidden_act", "quick_gelu"), vision.get("layer_norm_eps", 1e-5)
     if act != "quick_gelu" or eps != 1e-5:
-        raise ClipImageError(f"{config_path}: hidden_act={act}, layer_norm_eps={eps}; only CLIP's quick_gelu and 1e-5 are built here")
-    return vision.get("num_attention_heads", 12)  # CLIPVisionConfig's default
+        raise ClipImageError(f"{config_path}: hidden_act={shown(act)}, layer_norm_eps={shown(eps)}; "
+                             "only CLIP's quick_gelu and 1e-5 are built here")
+    return check_int(f"{config_path}: num_attention_heads", vision.get("num_attention_heads", 12), 1, 65536,
+                     ClipImageError)  # 12: CLIPVisionConfig's default
 
 
 def _build(weights: dict[str, torch.Tensor], config: VisionConfig, source: Path) -> VisionEncoder:
@@ -341,13 +401,16 @@ def load_clip_image(path: str | os.PathLike, *, trust_torchscript: bool = False)
     dir or weights file, or an OpenAI state dict or TorchScript archive (`trust_torchscript`)."""
     path = Path(path)
     weights_path, config_path = _locate(path)
-    state = clip_text.read_tensors(weights_path, trust_torchscript)
-    meta = json.loads(config_path.read_text()) if config_path is not None else {}
+    meta = _read_meta(config_path)  # checked before the weights are read
     if meta.get("format") == VISION_FORMAT:
-        return _build(state, VisionConfig(**meta["config"]), path)
+        config = config_of(meta.get("config"), VisionConfig, f"{config_path}: config")
+        return _build(clip_text.read_tensors(weights_path, trust_torchscript), config, path)
     if meta.get("format") == CLIP_FORMAT:
+        config = config_of(meta.get("vision"), VisionConfig, f"{config_path}: vision")
+        state = clip_text.read_tensors(weights_path, trust_torchscript)
         visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-        return _build(visual, VisionConfig(**meta["vision"]), path)
+        return _build(visual, config, path)
+    state = clip_text.read_tensors(weights_path, trust_torchscript)
     return _vision_from_state(state, config_path, path)
 
 
@@ -358,18 +421,26 @@ def load_clip(path: str | os.PathLike, *, bpe: str | os.PathLike | None = None,
     vocabulary, found as clip_text.Tokenizer() finds it)."""
     path = Path(path)
     weights_path, config_path = _locate(path)
-    state = clip_text.read_tensors(weights_path, trust_torchscript)
-    meta = json.loads(config_path.read_text()) if config_path is not None else {}
+    meta = _read_meta(config_path)  # checked before the weights are read
     if meta.get("format") == CLIP_FORMAT:
+        text_config = config_of(meta.get("text"), TextConfig, f"{config_path}: text")
+        vision_config = config_of(meta.get("vision"), VisionConfig, f"{config_path}: vision")
+        tokenizer_name = meta.get("tokenizer")
+        if not isinstance(tokenizer_name, str) or not tokenizer_name or "/" in tokenizer_name or "\\" in tokenizer_name \
+                or tokenizer_name in (".", ".."):
+            raise ClipImageError(f"{config_path}: tokenizer must be the file name of the vocabulary beside it, "
+                                 f"got {shown(tokenizer_name)}")
         with torch.device("meta"):
-            model = CLIP(TextConfig(**meta["text"]), VisionConfig(**meta["vision"]))
+            model = CLIP(text_config, vision_config)
+        state = clip_text.read_tensors(weights_path, trust_torchscript)
         expected = model.state_dict()
         if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
             raise ClipImageError(f"{path}: model.safetensors does not match config.json; was it written by save_clip?")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-        return model.eval(), clip_text.Tokenizer(path / meta["tokenizer"])
+        return model.eval(), clip_text.Tokenizer(path / tokenizer_name)
     if meta.get("format") in (VISION_FORMAT, clip_text.NATIVE_FORMAT):
         raise ClipImageError(f"{path} holds one tower only; re-ranking needs a whole CLIP (OpenAI, Hugging Face CLIPModel, or `convert`)")
+    state = clip_text.read_tensors(weights_path, trust_torchscript)
     visual = _vision_from_state(state, config_path, path)
     text = clip_text.load_clip_text(path, trust_torchscript=trust_torchscript)
     with torch.device("meta"):
@@ -545,15 +616,37 @@ def train_shapes(out: str | os.PathLike, *, steps: int = 1000, batch_size: int =
 # ----------------------------------------------------------------------------------------
 
 
+def is_clip_folder(path: Path) -> bool:
+    """Whether `path` holds an earlier `convert` (a native whole CLIP): what --overwrite may replace."""
+    try:
+        meta = read_json(path / "config.json")
+    except FileError:
+        return False
+    return isinstance(meta, dict) and meta.get("format") == CLIP_FORMAT
+
+
 def _convert(args: argparse.Namespace) -> None:
+    check_output(args.out_dir, args.overwrite, "folder", "OUT_DIR", ours=is_clip_folder)  # before any reading
     model, tokenizer = load_clip(args.src, bpe=args.bpe, trust_torchscript=args.trust_torchscript)
     save_clip(model, args.out_dir, tokenizer.path)
     print(f"wrote {args.out_dir}: {model.visual.config}, {model.text.config}")
 
 
+MAX_SCORED_IMAGES = 256
+
+
 def _score(args: argparse.Namespace) -> None:
+    if len(args.images) > MAX_SCORED_IMAGES:
+        raise ClipImageError(f"score at most {MAX_SCORED_IMAGES} images at a time, got {len(args.images)}")
     reranker = load_reranker(args.clip, bpe=args.bpe, trust_torchscript=args.trust_torchscript)
-    images = [np.asarray(open_image(path)) for path in args.images]
+    images, pixels = [], 0
+    for path in args.images:
+        image = open_image(path)  # bounded: at most 64 MP each
+        pixels += image.width * image.height
+        if pixels > MAX_IMAGE_PIXELS:
+            raise ClipImageError(f"the images hold more than {MAX_IMAGE_PIXELS:,} pixels together; score fewer or "
+                                 "smaller images at a time")
+        images.append(np.asarray(image))
     if len({a.shape for a in images}) != 1:
         raise ClipImageError("the images differ in size; score images of one size at a time")
     for path, value in zip(args.images, reranker(np.stack(images), args.caption)):
@@ -561,6 +654,13 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _train_shapes(args: argparse.Namespace) -> None:
+    E = ClipImageError
+    check_int("--steps", args.steps, 1, 10**7, E)
+    check_int("--batch-size", args.batch_size, 2, 4096, E)
+    check_float("--lr", args.lr, 0.0, 10.0, E, low_open=True)
+    check_float("--max-minutes", args.max_minutes, 0.0, 10**7, E, low_open=True)
+    check_int("--seed", args.seed, 0, 2**63 - 1, E)
+    check_int("--threads", args.threads, 1, 1024, E)
     check_output(args.out, args.overwrite, "folder")
     report = train_shapes(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           threads=args.threads, max_minutes=args.max_minutes)
@@ -574,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("convert", help="a whole CLIP checkpoint -> native dir (both towers + vocabulary)", formatter_class=fmt)
     p.add_argument("src", help="OpenAI .pt / state dict, Hugging Face CLIPModel dir or file, or a native dir")
-    p.add_argument("out_dir", help="where to write config.json + model.safetensors + the vocabulary")
+    p.add_argument("out_dir", help="where to write config.json + model.safetensors + the vocabulary (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR")
     p.add_argument("--bpe", default=None, help=f"vocabulary file (default: ${clip_text.BPE_ENV}, else the one open_clip ships)")
     p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
     p.set_defaults(run=_convert)

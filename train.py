@@ -228,12 +228,16 @@ def shapes_tokens(args, rank: int, world: int) -> Path:
 
 
 def caption_vocabulary(args) -> Path | None:
-    """--bpe; else the merges.txt of a Hugging Face CLIP folder given to --text-init; else the
+    """--bpe; else the vocabulary inside the folder given to --text-init (a Hugging Face CLIP
+    folder's merges.txt, or bpe_simple_vocab_16e6.txt.gz); else the
     shapes vocabulary (--preset shapes) or CLIP's own file found by clip_text.find_bpe."""
     if args.bpe:
         return Path(args.bpe)
-    if args.text_init and (Path(args.text_init) / "merges.txt").is_file():
-        return Path(args.text_init) / "merges.txt"
+    import clip_text
+
+    beside = clip_text.vocabulary_beside(args.text_init)
+    if beside is not None:
+        return beside
     return SHAPES_BPE if args.preset == "shapes" and not args.text_init else None
 
 
@@ -271,6 +275,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def lock_holder(out: Path) -> dict | None:
+    """The process holding out/train.lock ({pid, host, since}), or None: no lock, or a stale one
+    (its process is gone from this host, or a kill tore the file mid-write)."""
+    lock = out / "train.lock"
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # torn by a kill mid-write: stale
+    if host == socket.gethostname() and not _alive(pid):
+        return None
+    return {"pid": pid, "host": host, "since": str(holder.get("since"))[:40]}
+
+
+def holder_error(out: Path, holder: dict) -> TrainError:
+    return TrainError(f"{out} is being written by process {holder['pid']} on {holder['host']} since {holder['since']}; "
+                      "wait for it, or pass another --out")
+
+
 @contextmanager
 def run_lock(out: Path, enabled: bool = True):
     """Hold out/train.lock while training writes to `out`; a second writer is refused with the
@@ -285,14 +310,9 @@ def run_lock(out: Path, enabled: bool = True):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                holder, pid, host = None, None, None  # torn by a kill mid-write: stale
-            if holder is not None and (host != me["host"] or _alive(pid)):
-                raise TrainError(f"{out} is being written by process {pid} on {host} since {holder.get('since')}; "
-                                 "wait for it, or pass another --out") from None
+            holder = lock_holder(out)
+            if holder is not None:
+                raise holder_error(out, holder) from None
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
@@ -563,8 +583,7 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
     shards = data.TokenShards(data_dir)
     vqgan_dir = Path(args.vqgan or shards.meta["vqgan"])
     check_vqgan(shards, vqgan_dir, data_dir)
-    tokenizer = Tokenizer(caption_vocabulary(args))
-    tokenizer_path = tokenizer.path
+    tokenizer = None if args.resume else Tokenizer(caption_vocabulary(args))  # a resumed run reads its own
 
     torch.manual_seed(args.seed)
     start_step, resume_dir, state = 0, None, None
@@ -575,7 +594,7 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
         if info["variant"] != args.variant:
             raise TrainError(f"{resume_dir} was trained as variant {info['variant']}, not --variant {args.variant}")
         start_step = info["step"]
-        tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with
+        tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with (in its checkpoint)
         tokenizer_path = out / tokenizer.path.name  # a copy in the run folder outlives pruned checkpoints
         if rank == 0 and tokenizer.path.resolve() != tokenizer_path.resolve():
             shutil.copyfile(tokenizer.path, tokenizer_path)
@@ -584,6 +603,7 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
         tokenizer_path = tokenizer.path
     else:
         model = build_model(args, tokenizer, shards, vqgan_dir)
+        tokenizer_path = tokenizer.path
     if model.beyond is not None and model.beyond.mirror_loss and args.variant != 3:
         raise TrainError("--set mirror_loss works on variant 3's second pass; train --variant 3 or leave it at 0")
     if (model.config.codebook_size, tuple(model.config.grid)) != (shards.codebook_size, tuple(shards.grid)):
@@ -741,12 +761,12 @@ def resolve_args(args) -> None:
         args.out = str(ROOT / "runs" / f"{args.preset}-v{args.variant}")
     if args.save_every is None:
         args.save_every = args.eval_every
-    positive = ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep", "eval_captions",
-                "shapes_examples", "shapes_align")
-    for name in positive:
+    limits = {"steps": 10**9, "batch_size": 2**16, "grad_accum": 2**16, "eval_every": 10**9, "save_every": 10**9,
+              "log_every": 10**9, "keep": 10**6, "eval_captions": 1024, "shapes_examples": 10**8, "shapes_align": 8}
+    for name, high in limits.items():
         value = getattr(args, name)
-        if not 0 < value <= 10**9:
-            raise TrainError(f"--{name.replace('_', '-')} must be a positive whole number up to 10**9, got {value}")
+        if not 0 < value <= high:
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive whole number up to {high:,}, got {value}")
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise TrainError(f"--threads must be between 1 and 1024, got {args.threads}")
     if args.init and args.resume:
@@ -755,10 +775,28 @@ def resolve_args(args) -> None:
         raise TrainError(f"--lr must be positive and finite and --warmup a fraction in [0, 1], got {args.lr} and {args.warmup}")
     if not (0 <= args.weight_decay < 1 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1 and 0 < args.grad_clip < math.inf):
         raise TrainError("--weight-decay, --beta1 and --beta2 must be in [0, 1) and --grad-clip positive and finite")
-    if not 0 <= args.seed < 2**63:
-        raise TrainError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if not 0 <= args.seed < 2**63 or not 0 <= args.shapes_seed < 2**63:
+        raise TrainError(f"--seed and --shapes-seed must be between 0 and 2**63 - 1, got {args.seed} and {args.shapes_seed}")
+    check_overrides(args)
+    holder = lock_holder(Path(args.out))
+    if holder is not None:  # another training writes there now: name it, whatever else the folder holds
+        raise holder_error(Path(args.out), holder)
     if not args.resume and holds_a_run(Path(args.out)):
         raise TrainError(f"--out {args.out} holds an earlier run; continue it with --resume, or pass another --out")
+
+
+def check_overrides(args) -> None:
+    """--set values, before any data is read or model built: the field exists and parses, and
+    (for a fresh model) the preset with every --set applied passes emage's config checks (types
+    and ranges of _check_config: layers <= 256, width <= 65536, ...) and the extensions' own."""
+    config = emage.EmageConfig.paper() if args.preset == "paper" else emage.EmageConfig.shapes()
+    config, beyond = apply_overrides(config, extensions.Beyond(), args.set)
+    try:
+        beyond.check()
+        if not (args.init or args.resume or args.text_init):
+            emage._check_config(config)
+    except emage.EmageError as e:
+        raise TrainError(f"--set: {e}") from None
 
 
 def train(args, later_steps: int = 0) -> int:
@@ -790,12 +828,14 @@ def load_recipe(path: Path, parser: argparse.ArgumentParser) -> list[dict]:
         raise TrainError(f"recipe {path} does not exist; see recipes/ for examples, or pass --recipe none") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise TrainError(f"recipe {path} is not valid TOML ({e})") from None
-    stages = recipe.get("stage", [recipe])
+    stages = recipe.get("stage", [dict(recipe, name="")])  # one table: one stage, written straight into --out
     dests = {a.dest for a in parser._actions} - {"help", "recipe", "list_fields"}
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
             raise TrainError(f"recipe {path}: stage {i + 1} is not a table")
         stage.setdefault("name", f"stage{i + 1}")
+        if not isinstance(stage["name"], str) or not re.fullmatch(r"[A-Za-z0-9_-]*", stage["name"]):
+            raise TrainError(f"recipe {path}: stage name {stage['name']!r} must be letters, digits, _ or -")
         unknown = set(stage) - dests - STAGE_KEYS
         if unknown:
             raise TrainError(f"recipe {path}: unknown keys {sorted(unknown)} (keys are train.py's flags, "
@@ -838,18 +878,18 @@ def run_recipe(recipe: Path, argv: list[str], parser: argparse.ArgumentParser) -
         if stage.get("variants") and emage.parse_variant(args.variant) not in [emage.parse_variant(v) for v in stage["variants"]]:
             continue  # e.g. the mirror loss, which needs variant 3
         plans.append((stage, args, args.steps or PRESETS[args.preset]["steps"]))
-    print(f"recipe {recipe}: " + ", then ".join(f"{s['name']} ({n:,} steps)" for s, _, n in plans) + f" into {base}",
+    print(f"recipe {recipe}: " + ", then ".join(f"{s['name'] or recipe.stem} ({n:,} steps)" for s, _, n in plans) + f" into {base}",
           file=sys.stderr)
     for i, (stage, args, steps) in enumerate(plans):
         out = Path(args.out)
         if args.init and not Path(args.init).exists() and (base / args.init).is_dir():  # "init = 'stage1'"
             args.init = str(find_resume(base / args.init, "latest"))
         if finished_step(out) >= steps:
-            print(f"{stage['name']}: finished already ({out})", file=sys.stderr)
+            print(f"{stage['name'] or recipe.stem}: finished already ({out})", file=sys.stderr)
             continue
         if holds_a_run(out):
             args.resume, args.init = args.resume or "latest", None
-            print(f"{stage['name']}: resuming {out}", file=sys.stderr)
+            print(f"{stage['name'] or recipe.stem}: resuming {out}", file=sys.stderr)
         code = train(args, later_steps=sum(n for _, _, n in plans[i + 1:]))
         if code or finished_step(out) < steps:  # stopped by a signal: the rest waits for the next call
             return code
@@ -898,8 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-init", default=None, help="initialise the text encoder from CLIP weights (OpenAI, Hugging Face or native; see clip_text.load_clip_text)")
     p.add_argument("--trust-torchscript", action="store_true",
                    help="let --text-init read OpenAI's TorchScript release (ViT-L-14.pt), which can run code")
-    p.add_argument("--bpe", default=None, help="BPE vocabulary of the captions: bpe_simple_vocab_16e6.txt.gz or a Hugging Face "
-                   "merges.txt (default: the --text-init folder's merges.txt, else the shapes vocabulary for --preset shapes, "
+    p.add_argument("--bpe", default=None, help="BPE vocabulary of the captions: bpe_simple_vocab_16e6.txt.gz, a Hugging Face CLIP "
+                   "folder (its merges.txt) or a folder holding either (default: the --text-init folder's own, else the shapes vocabulary for --preset shapes, "
                    "else CLIP's file from $EMAGE_CLIP_BPE or an installed open_clip)")
     p.add_argument("--vqgan", default=None, help="VQGAN checkpoint dir for sample grids and the checkpoint's reference (default: the one the token shards were prepared with)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set layers=2 --set text.layers=1 (repeatable; --list-fields lists them)")
