@@ -418,7 +418,8 @@ def load_clip(path: str | os.PathLike, *, bpe: str | os.PathLike | None = None,
               trust_torchscript: bool = False) -> tuple[CLIP, clip_text.Tokenizer]:
     """(CLIP in fp32 eval mode, its tokenizer) from a native dir (`save_clip`), a Hugging Face
     CLIPModel, or an OpenAI checkpoint. Foreign checkpoints use `bpe` (default: CLIP's own
-    vocabulary, found as clip_text.Tokenizer() finds it)."""
+    vocabulary beside the weights, else
+    CLIP's own, found as clip_text.Tokenizer() finds it)."""
     path = Path(path)
     weights_path, config_path = _locate(path)
     meta = _read_meta(config_path)  # checked before the weights are read
@@ -448,7 +449,7 @@ def load_clip(path: str | os.PathLike, *, bpe: str | os.PathLike | None = None,
     model.text, model.visual = text, visual
     scale = state.get("logit_scale", torch.tensor(math.log(1 / 0.07)))
     model.logit_scale = nn.Parameter(scale.float().reshape(()).clone())
-    tokenizer = clip_text.Tokenizer(bpe)
+    tokenizer = clip_text.Tokenizer(bpe or clip_text.vocabulary_beside(path))  # a Hugging Face folder's own merges.txt
     if tokenizer.vocab_size != text.config.vocab_size:
         raise ClipImageError(f"the vocabulary {tokenizer.path} has {tokenizer.vocab_size} ids but the text tower "
                              f"{text.config.vocab_size}; pass the matching vocabulary (--bpe)")

@@ -673,6 +673,8 @@ def cmd_prepare(args) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; pass a new or empty folder")
     if world > 1:
+        if args.device == "cuda":  # one GPU per process under torchrun
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.distributed.init_process_group("gloo")
     source = open_source(args.source, args.examples, args.seed)
     meta = prepare(source, args.vqgan, args.out, shard_size=args.shard_size, batch_size=args.batch_size,

@@ -724,13 +724,16 @@ def _export_into(out, model, vqgan_model, tokenizer_path, variant, step, extra, 
 
 
 def export_checkpoint(checkpoint, out_dir, opset: int = OPSET, batch: int = 2, check_batch: int = 3, log=print,
-                      overwrite: bool = False) -> dict:
-    """Export an Emage checkpoint folder and the VQGAN it names (see `export`)."""
+                      overwrite: bool = False, vqgan_dir=None) -> dict:
+    """Export an Emage checkpoint folder and the VQGAN it names, or `vqgan_dir` (see `export`)."""
     import vqgan
 
     check_destination(Path(out_dir), overwrite)  # before minutes of work
     model, info = extensions.load_checkpoint(checkpoint)
-    vqgan_model = vqgan.load_vqgan(info["vqgan_dir"]).eval()
+    if vqgan_dir is None and not Path(info["vqgan_dir"]).is_dir():
+        raise ExportError(f"{checkpoint} names its VQGAN as {info['vqgan_relative']!r} relative to itself, and "
+                          f"{info['vqgan_dir']} does not exist (was the checkpoint moved?); pass --vqgan DIR")
+    vqgan_model = vqgan.load_vqgan(vqgan_dir or info["vqgan_dir"]).eval()
     return export(model, vqgan_model, out_dir, tokenizer_path=info["tokenizer_path"], variant=info["variant"],
                   step=info["step"], extra=dict(info["extra"], checkpoint=str(Path(checkpoint).resolve())),
                   opset=opset, batch=batch, check_batch=check_batch, log=log, overwrite=overwrite)
@@ -743,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the graphs and their config.json (sample.py --backend onnx reads the default)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    parser.add_argument("--vqgan", type=Path, default=None,
+                        help="VQGAN folder (default: the one the checkpoint names, relative to itself)")
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
     parser.add_argument("--batch", type=int, default=2, help="batch of the example inputs traced (the axis stays dynamic)")
     parser.add_argument("--check-batch", type=int, default=3, help="batch of the parity check (best not --batch)")
@@ -770,7 +775,8 @@ def main(argv=None) -> int:
                               f"needs opset {MIN_OPSET} or later and torch {torch.__version__} writes up to {max_opset()}")
         check_int("--batch", args.batch, 1, MAX_BATCH, ExportError)
         check_int("--check-batch", args.check_batch, 1, MAX_BATCH, ExportError)
-        export_checkpoint(args.checkpoint, args.out, args.opset, args.batch, args.check_batch, overwrite=args.overwrite)
+        export_checkpoint(args.checkpoint, args.out, args.opset, args.batch, args.check_batch, overwrite=args.overwrite,
+                          vqgan_dir=args.vqgan)
         print(args.out / "config.json")
     except (ExportError, emage.EmageError, vqgan.VQGANError, FileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

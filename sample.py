@@ -501,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{DEFAULT_CANDIDATES} with --backend torch, 1 with onnx)")
     rank.add_argument("--rerank", default="self", choices=("self", "clip"),
                       help="how candidates are scored: by the generator itself (extensions.self_score, beyond "
-                           "the paper) or by CLIP image-text similarity (the paper's)")
+                           "the paper; with colour-factored codes it hides one object at a time, otherwise random "
+                           "halves of the tokens, 4 times per candidate: measured on the shapes world only) or by "
+                           "CLIP image-text similarity (the paper's)")
     rank.add_argument("--contrast", default="none",
                       help="with --rerank self: a caption the image must not match; candidates whose layout it "
                            "explains as well as the prompt score lower. 'mirror' = the prompt with its relation "

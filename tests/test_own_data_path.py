@@ -306,7 +306,7 @@ def test_public_components_to_samples(public, tmp_path, capsys, monkeypatch):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    stage = run / "stage1"  # a recipe writes each stage into --out/NAME; paper.toml has one, "stage1"
+    stage = run  # a one-table recipe (paper.toml) writes straight into --out; [[stage]] tables into --out/NAME
     assert json.loads((stage / "latest.json").read_text())["step"] == 2 and (stage / "samples").is_dir()
     model, info = emage.load_checkpoint(stage / "step-0000002")
     assert model.config.text.width == 64 and model.config.width == 32 and model.config.grid == (4, 4)
@@ -323,13 +323,13 @@ def test_public_components_to_samples(public, tmp_path, capsys, monkeypatch):
               "--eval-every", "1", "--eval-captions", "2", "--device", "cpu", *SHRINK]
     assert "--trust-torchscript" in refused(train.main, openai, capsys)
     ok(train.main, [*openai, "--trust-torchscript"], capsys)
-    _, info = emage.load_checkpoint(work / "runs" / "paper-openai" / "stage1" / "latest")
+    _, info = emage.load_checkpoint(work / "runs" / "paper-openai" / "latest")
     assert info["step"] == 1 and Path(info["tokenizer_path"]).name == "merges.txt"
 
     # Sampling from the run, and from a checkpoint copied elsewhere (cp -rL .../latest): the VQGAN it
     # names relative to itself is not there, --vqgan supplies it.
     ok(sample.main, ["a red circle", "--checkpoint", stage / "latest", "--out", work / "in-place.png"], capsys)
-    moved = work / "elsewhere" / "deeper" / "emage"
+    moved = work / "elsewhere" / "much" / "deeper" / "emage"  # another depth: the relative VQGAN path misses
     shutil.copytree(stage / "latest", moved)
     assert json.loads((moved / "config.json").read_text())["step"] == 3
     assert "--vqgan" in refused(sample.main, ["a red circle", "--checkpoint", moved, "--out", work / "x.png"], capsys)

@@ -44,3 +44,17 @@ def test_text_init_folder_supplies_the_caption_vocabulary(tmp_path):
     args = train.build_parser().parse_args(["--text-init", str(tmp_path), "--bpe", "x.txt.gz"])
     assert str(train.caption_vocabulary(args)) == "x.txt.gz"
     assert train.caption_vocabulary(train.build_parser().parse_args([])) == train.SHAPES_BPE
+
+
+def test_a_moved_checkpoint_exports_with_vqgan(tmp_path, capsys):
+    import export_onnx
+
+    moved = tmp_path / "a" / "b" / "emage"
+    shutil.copytree(sample.DEMO_CHECKPOINT, moved)
+    out = tmp_path / "onnx"
+    assert export_onnx.main(["--checkpoint", str(moved), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--vqgan" in err and "../patterns" in err and not out.exists()
+    vqgan_dir = sample.DEMO_CHECKPOINT.parent / "patterns"
+    assert export_onnx.main(["--checkpoint", str(moved), "--out", str(out), "--vqgan", str(vqgan_dir)]) == 0
+    assert json.loads((out / "config.json").read_text())["format"] == "emage-onnx"
