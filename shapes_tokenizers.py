@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 import shapes
 from clip_text import EOT, SOT, WORD_PATTERN, ClipTextError, TextConfig, clean_text, merge_pair, word_symbols
-from files import FileError, atomic_write, to_uint8
-from vqgan import TRAIN_STATE_NAME, VQGAN, VQGANConfig, VQGANError, load_vqgan, save_vqgan, side_by_side, to_tensor
+import files
+from files import FileError, atomic_write, check_float, check_int, to_uint8
+from vqgan import (TRAIN_STATE_NAME, VQGAN, VQGANConfig, VQGANError, load_vqgan, save_vqgan, side_by_side, to_tensor,
+                   torch_device)
 
 ROOT = Path(__file__).resolve().parent
 SHAPES_BPE_PATH = ROOT / "checkpoints" / "shapes" / "bpe_shapes.txt.gz"  # the shipped caption vocabulary
@@ -83,16 +85,43 @@ def text_config() -> TextConfig:
 # ---------------------------------------------------------------------------
 
 def check_output(path, overwrite: bool, what: str, flag: str = "--out") -> Path:
-    """`path` if a command may write there: it does not exist yet, or `overwrite` says to replace it."""
-    path = Path(path)
-    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
-    if path.exists() and not path.is_dir() and what == "folder":
-        raise TokenizerError(f"{flag} {path} is a file, not a folder; choose another {flag}")
-    if path.is_dir() and what == "file":
-        raise TokenizerError(f"{flag} {path} is a folder; pass a file name")
-    if exists and not overwrite:
-        raise TokenizerError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another {flag}")
-    return path
+    """`path` if a command may write there: it does not exist yet, or `overwrite` says to replace it
+    (files.check_output, raising this file's TokenizerError)."""
+    try:
+        return files.check_output(path, overwrite, what, flag)
+    except FileError as error:
+        raise TokenizerError(str(error)) from None
+
+
+MAX_TEXTS_BYTES = 256 * 1024 * 1024  # learn-bpe --texts larger than this is not read
+
+
+def check_seeds(flag: str, seeds) -> None:
+    if not 1 <= len(seeds) <= 64:
+        raise TokenizerError(f"{flag} takes 1 to 64 render seeds, got {len(seeds)}")
+    for seed in seeds:
+        check_int(flag, seed, 0, 2**32 - 1, TokenizerError)
+
+
+def check_train_args(args) -> None:
+    """Every number of `train`, before any work (the network's sizes are VQGANConfig's to check)."""
+    E = TokenizerError
+    check_int("--steps", args.steps, 1, 10**7, E)
+    check_int("--batch-size", args.batch_size, 1, 1024, E)
+    check_float("--lr", args.lr, 0.0, 10.0, E, low_open=True)
+    check_int("--warmup", args.warmup, 0, 10**7, E)
+    check_int("--patterns", args.patterns, 0, 8192, E)
+    check_int("--pattern-images", args.pattern_images, 1, 10**7, E)
+    check_int("--pattern-iterations", args.pattern_iterations, 1, 10**4, E)
+    check_float("--foreground-weight", args.foreground_weight, 0.0, 1e6, E)
+    check_float("--edge-weight", args.edge_weight, 0.0, 1e6, E)
+    for flag in ("restart_every", "sample_every", "checkpoint_every"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1, 10**9, E)
+    check_float("--max-minutes", args.max_minutes, 0.0, 1e7, E)
+    check_seeds("--eval-seeds", args.eval_seeds)
+    check_int("--seed", args.seed, 0, 2**63 - 1, E)
+    check_int("--threads", args.threads, 0, 1024, E)
+    torch_device(args.device)
 
 
 # ---------------------------------------------------------------------------
@@ -324,6 +353,21 @@ def train_patterns(args) -> dict:
     return report
 
 
+def read_train_state(path: Path, n_embed: int, device) -> dict:
+    """train_state.pt, weights-only, every field checked before use."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated, foreign, or a pickle holding more than tensors: all fail differently
+        raise VQGANError(f"{path} cannot be read as a weights-only file ({type(error).__name__}); "
+                         "start again with --overwrite") from None
+    ok = (isinstance(state, dict) and files.is_whole(state.get("step")) and state["step"] >= 0
+          and isinstance(state.get("optimizer"), dict) and isinstance(state.get("usage"), torch.Tensor)
+          and tuple(state["usage"].shape) == (n_embed,))
+    if not ok:
+        raise VQGANError(f"{path} lacks step, optimizer or a usage count per code; start again with --overwrite")
+    return state
+
+
 def train(args) -> dict:
     """Train a shapes-world VQGAN into args.out; returns the final reconstruction report."""
     if args.patterns:
@@ -340,7 +384,7 @@ def train(args) -> dict:
         if not (out / TRAIN_STATE_NAME).is_file():
             raise VQGANError(f"--resume: {out / TRAIN_STATE_NAME} not found; start without --resume")
         model = load_vqgan(out).to(device)
-        state = torch.load(out / TRAIN_STATE_NAME, map_location=device, weights_only=True)
+        state = read_train_state(out / TRAIN_STATE_NAME, model.config.n_embed, device)
         step, usage = state["step"], state["usage"].cpu()
     else:
         preset = vqgan_config()
@@ -354,7 +398,10 @@ def train(args) -> dict:
         raise VQGANError("the shapes trainer trains the vector quantiser only")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError):
+            raise VQGANError(f"{out / TRAIN_STATE_NAME} holds an optimizer for another model; start again with --overwrite") from None
     generator = torch.Generator().manual_seed(args.seed + step)
     preview = to_tensor([shapes.render(c, 0) for c in shapes.eval_captions()[:16]]).to(device)  # fixed grid images
     (out / "samples").mkdir(exist_ok=True)
@@ -416,6 +463,10 @@ def train(args) -> dict:
 # ---------------------------------------------------------------------------
 
 def cmd_eval(args) -> None:
+    check_seeds("--seeds", args.seeds)
+    check_int("--align", args.align, 1, 8, TokenizerError)
+    check_int("--unseen-codes", args.unseen_codes, 0, 10**6, TokenizerError)
+    torch_device(args.device)
     model = load_vqgan(args.checkpoint).to(args.device)
     start = time.time()
     render = {"align": args.align, "jitter": args.jitter}
@@ -428,8 +479,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_train(args) -> None:
-    if min(args.steps, args.batch_size, args.sample_every, args.checkpoint_every, args.restart_every) < 1:
-        raise VQGANError("--steps, --batch-size, --sample-every, --checkpoint-every and --restart-every must be positive")
+    check_train_args(args)
     if args.out is None:
         args.out = "runs/shapes-patterns" if args.patterns else "runs/shapes-vqgan"
     prepare_output(args)
@@ -437,9 +487,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_learn_bpe(args) -> None:
+    check_int("--vocab-size", args.vocab_size, 514, 2**20, TokenizerError)
+    check_int("--captions", args.captions, 1, 10**7, TokenizerError)
+    check_int("--seed", args.seed, 0, 2**63 - 1, TokenizerError)
     out = check_output(args.out, args.overwrite, "file")
     if args.texts:
         try:
+            if Path(args.texts).stat().st_size > MAX_TEXTS_BYTES:
+                raise TokenizerError(f"--texts {args.texts} is over {MAX_TEXTS_BYTES >> 20} MiB; pass a smaller corpus")
             texts = Path(args.texts).read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             raise TokenizerError(f"--texts {args.texts} is not UTF-8 text: one caption per line expected") from None
