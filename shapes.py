@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from files import FileError, open_image
+from files import FileError, open_image, png_text, read_json
 
 IMAGE_SIZE = 64
 COLORS = {  # exact RGB used when rendering (SHAPES.md, Palette)
@@ -478,20 +478,23 @@ def score(image, caption: str | Caption) -> bool:
 # ---------------------------------------------------------------------------
 
 def caption_of_png(path: Path) -> str | None:
-    """The caption of a generated PNG: its `caption` or `parameters` text chunk, or a sidecar JSON."""
+    """The caption of a generated PNG: its `caption` or `parameters` text chunk, or a sidecar JSON.
+    Both are read bounded (files.png_text decodes no pixel and caps every text chunk;
+    files.read_json caps the sidecar); a file that is not a PNG raises files.FileError."""
     sidecar = path.with_suffix(".json")
     if sidecar.exists():
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-        return data.get("caption") or data.get("prompt")
-    with Image.open(path) as image:
-        text = getattr(image, "text", {}) or {}
+        data = read_json(sidecar)
+        caption = (data.get("caption") or data.get("prompt")) if isinstance(data, dict) else None
+        return caption if isinstance(caption, str) else None
+    text = png_text(path)
     if "caption" in text:
         return text["caption"]
     if "parameters" in text:
         try:
-            return json.loads(text["parameters"]).get("prompt")
-        except json.JSONDecodeError:
+            caption = json.loads(text["parameters"]).get("prompt")
+        except (ValueError, AttributeError, RecursionError):
             return None
+        return caption if isinstance(caption, str) else None
     return None
 
 
