@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/gpu_suite.py` puts benchmark
 import clip_text  # noqa: E402
 import emage  # noqa: E402
 import files  # noqa: E402
+from benchmarks.flops import counted_flops  # noqa: E402
 import vqgan  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_suite.json"
@@ -403,33 +404,6 @@ def peak_flops(device, dry_run: bool) -> tuple[float, str]:
     runs = timed(lambda: a @ a, device, 5)
     peak = 2 * size**3 / statistics.median(runs)
     return peak, f"measured: bf16 {size}x{size} matmul ({peak / 1e12:.3g} TFLOP/s)"
-
-
-class _NoModuleTracker:
-    """FlopCounterMode's per-module tracker fails on pass 1 of #3 (a no-grad view of the
-    grad-carrying text keys/values has requires_grad but no grad_fn); totals need no tracker."""
-
-    parents = {"Global"}
-    is_bw = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def counted_flops(fn) -> int:
-    """FLOPs of one call by FlopCounterMode, attention on the math kernel (every backend's
-    attention counted the same way, the CPU flash kernel not left out)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _NoModuleTracker()
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def train_row(model, device, batch: int, repeats: int, dry_run: bool) -> dict:

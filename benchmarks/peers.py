@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/peers.py` puts benchmarks/, 
 
 import clip_text  # noqa: E402
 import files  # noqa: E402
+from benchmarks.flops import counted_flops  # noqa: E402
 import shapes_tokenizers  # noqa: E402
 
 MODELS = ("Emage", "aMUSEd", "Muse")
@@ -142,33 +143,13 @@ def count(module: torch.nn.Module | None, skip: tuple[str, ...] = ()) -> int:
     return sum(p.numel() for name, p in module.named_parameters() if not name.startswith(skip))
 
 
-class _NoModuleTracker:
-    """FlopCounterMode's per-module tracker is not needed for totals (and fails on a no-grad
-    view of a tensor that requires grad); this stands in for it."""
-
-    parents = {"Global"}
-    is_bw = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def flops(fn) -> int:
     """Matrix-multiply, convolution and attention FLOPs of one call (torch.utils.flop_counter).
     Attention runs on the math kernel while counting: the CPU flash kernel has no FLOP formula,
     and without this the models that call scaled_dot_product_attention (Emage, aMUSEd) would
     be counted without attention while Muse's einsum attention is counted."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _NoModuleTracker()
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return int(counter.get_total_flops())
+    with torch.no_grad():
+        return counted_flops(fn)
 
 
 class TextMemo:

@@ -4,11 +4,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import shapes
 from benchmarks import latency, mirror_probe, train_speed, train_step
+from benchmarks.flops import counted_flops
 from emage import Emage, EmageConfig
 
 
@@ -17,30 +16,6 @@ def tiny_config() -> EmageConfig:
     c.text.layers, c.text.width, c.text.heads, c.text.embed_dim = 2, 32, 2, 16
     c.width, c.layers, c.heads = 48, 2, 3
     return c
-
-
-class NoModuleTracker:
-    """Patch: FlopCounterMode's per-module tracker fails on pass 1 of #3 (a no-grad view of
-    the grad-carrying text keys/values has requires_grad but no grad_fn); totals need no tracker."""
-
-    parents = {"Global"}
-    is_bw = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def counted_flops(fn) -> int:
-    """FLOPs that torch's counter sees; the math attention kernel runs attention as matrix
-    products (the CPU flash kernel is not counted), masked or causal pairs included."""
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = NoModuleTracker()
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return counter.get_total_flops()
 
 
 @pytest.fixture(scope="module")

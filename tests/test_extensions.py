@@ -19,9 +19,7 @@ from emage import Emage, EmageConfig, EmageError, random_mask, save_checkpoint
 from extensions import (Beyond, FactoredEmbedding, FactoredHead, build, colour_hide_sets, mirror_loss, object_mask,
                         self_score)
 
-K, GRID, L = 16, (3, 4), 8  # codebook, token grid (n = 12), caption length
-N = GRID[0] * GRID[1]
-M = K  # the [mask] id
+from tiny import K, M, N, Recorder, captions, images, tiny_config, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,53 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_config(**overrides) -> EmageConfig:
-    text = TextConfig(vocab_size=40, context_length=L, width=32, heads=2, layers=1, embed_dim=32)
-    return EmageConfig(text=text, codebook_size=K, grid=GRID, width=32, layers=2, heads=2, **overrides)
-
-
-def tiny_model(seed=0, beyond: Beyond | None = None, **overrides) -> Emage:
-    """A random model (extensions.build) with large weights: at the usual init the text barely moves the logits."""
-    torch.manual_seed(seed)
-    model = build(tiny_config(**overrides), beyond)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and not name.startswith("text_encoder."):
-                p.normal_(std=0.3)
-    return model
-
-
-def captions(batch, seed=0):
-    """Random captions [sot, words..., eot, 0...] of different lengths."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(batch, L, dtype=torch.long)
-    for b in range(batch):
-        length = int(torch.randint(1, L - 1, (1,), generator=g))
-        tokens[b, 0] = 38
-        tokens[b, 1 : 1 + length] = torch.randint(1, 38, (length,), generator=g)
-        tokens[b, 1 + length] = 39  # end token: the largest id
-    return tokens
-
-
-def images(batch, seed=0):
-    return torch.randint(0, K, (batch, N), generator=torch.Generator().manual_seed(seed))
-
-
-class Recorder:
-    """Records the decoder's input token ids (tok_emb) and output logits (head), in call order."""
-
-    def __init__(self, model):
-        self.inputs, self.logits = [], []
-        model.tok_emb.register_forward_hook(lambda m, args, out: self.inputs.append(args[0].clone()))
-
-        def keep(m, args, out):
-            if out.requires_grad:
-                out.retain_grad()
-            self.logits.append(out)
-
-        model.head.register_forward_hook(keep)
 
 
 def masks_from_seed(seed, batch, count, object_p=0.0, y=None, colours=0):
