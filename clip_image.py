@@ -38,8 +38,8 @@ import torch.nn.functional as F
 import clip_text
 import shapes
 from clip_text import LayerNorm, TextConfig, TextEncoder, Transformer
-from files import (MAX_IMAGE_PIXELS, FileError, atomic_write, check_float, check_int, check_output, one_line, open_image,
-                   read_json, shown, write_json)
+from files import (MAX_IMAGE_PIXELS, FileError, atomic_write, check_float, check_int, check_output, meta_device, one_line,
+                   open_image, read_json, shown, write_json)
 from shapes_tokenizers import SHAPES_BPE_PATH, SHAPES_VOCAB_SIZE, TokenizerError
 
 ROOT = Path(__file__).resolve().parent
@@ -356,7 +356,7 @@ def _hf_vision_heads(config_path: Path) -> int:
 
 def _build(weights: dict[str, torch.Tensor], config: VisionConfig, source: Path) -> VisionEncoder:
     """Assert every key and shape against a freshly built tower, then load strictly (in fp32)."""
-    with torch.device("meta"):  # shapes only: no time spent on a random initialisation
+    with meta_device():  # shapes only: no time spent on a random initialisation
         encoder = VisionEncoder(config)
     expected = encoder.state_dict()
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -431,7 +431,7 @@ def load_clip(path: str | os.PathLike, *, bpe: str | os.PathLike | None = None,
                 or tokenizer_name in (".", ".."):
             raise ClipImageError(f"{config_path}: tokenizer must be the file name of the vocabulary beside it, "
                                  f"got {shown(tokenizer_name)}")
-        with torch.device("meta"):
+        with meta_device():
             model = CLIP(text_config, vision_config)
         state = clip_text.read_tensors(weights_path, trust_torchscript)
         expected = model.state_dict()
@@ -444,7 +444,7 @@ def load_clip(path: str | os.PathLike, *, bpe: str | os.PathLike | None = None,
     state = clip_text.read_tensors(weights_path, trust_torchscript)
     visual = _vision_from_state(state, config_path, path)
     text = clip_text.load_clip_text(path, trust_torchscript=trust_torchscript)
-    with torch.device("meta"):
+    with meta_device():
         model = CLIP(text.config, visual.config)
     model.text, model.visual = text, visual
     scale = state.get("logit_scale", torch.tensor(math.log(1 / 0.07)))

@@ -487,7 +487,8 @@ def _check_meta(path: Path) -> dict:
         meta = read_json(path)
     except FileError as e:
         raise DataError(f"{e}; prepare it again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not is_whole(meta.get("version")) \
+            or meta.get("version") != VERSION:
         raise DataError(f"{path} is not a version-{VERSION} {FORMAT} directory; prepare it again")
     try:
         grid = meta.get("grid")
@@ -508,8 +509,8 @@ def _check_meta(path: Path) -> dict:
                 raise DataError(f"each shard must name its tokens and captions files in the folder, got {shown(shard, 80)}")
             check_int("a shard's count", shard.get("count"), 0, 2**40, DataError)
         total = sum(shard["count"] for shard in shards)
-        if "num_examples" in meta and meta["num_examples"] != total:
-            raise DataError(f"num_examples is {shown(meta['num_examples'])} but the shards hold {total}")
+        if "num_examples" in meta:
+            check_int("num_examples (the shards' counts summed)", meta["num_examples"], total, total, DataError)
         if not isinstance(meta.get("skipped", {}), dict):
             raise DataError("skipped must be an object of counts")
     except DataError as e:
@@ -598,16 +599,16 @@ class TokenShards:
 
     def __getitem__(self, i: int) -> tuple[str, np.ndarray]:
         k, j = self._locate(i)
-        return self.caption(i), np.asarray(self.tokens[k][j])
+        codes = np.asarray(self.tokens[k][j])
+        if codes.size and int(codes.max()) >= self.codebook_size:
+            raise DataError(f"{self.root / self.meta['shards'][k]['tokens']} holds code {int(codes.max())} in row {j}, "
+                            f"beyond the codebook of {self.codebook_size}; prepare it again")
+        return self.caption(i), codes
 
     def batch(self, indices) -> tuple[list[str], torch.Tensor]:
         """(captions, codes LongTensor[B, n]) for a list of global indices."""
-        captions, rows = zip(*(self[int(i)] for i in indices))
-        codes = np.stack(rows)
-        if codes.size and int(codes.max()) >= self.codebook_size:
-            raise DataError(f"{self.root} holds code {int(codes.max())}, beyond its codebook of {self.codebook_size}; "
-                            "prepare it again")
-        return list(captions), torch.from_numpy(codes.astype(np.int64))
+        captions, rows = zip(*(self[int(i)] for i in indices))  # each row checked against the codebook
+        return list(captions), torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 @functools.lru_cache(maxsize=2)

@@ -54,8 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_text import TextConfig, TextEncoder
-from files import (FileError, atomic_write, check_bool, check_choice, check_float, check_int, is_whole, read_json,
-                   safetensors_header, shown, write_json)
+from files import (FileError, atomic_write, check_bool, check_choice, check_float, check_int, is_whole, meta_device,
+                   read_json, safetensors_header, shown, write_json)
 
 
 class EmageError(ValueError):
@@ -839,8 +839,12 @@ def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Ema
         raise EmageError(f"{d / 'config.json'} lacks the config, tokenizer or vqgan_dir entry; was it written by save_checkpoint?")
     where = d / "config.json"
     tokenizer, vqgan_dir = meta["tokenizer"], meta["vqgan_dir"]
-    if not isinstance(tokenizer, str) or not tokenizer or tokenizer in (".", "..") or "/" in tokenizer or "\\" in tokenizer:
+    if (not isinstance(tokenizer, str) or not 0 < len(tokenizer) <= 255 or tokenizer in (".", "..")
+            or any(c in tokenizer for c in "/\\\0")):
         raise EmageError(f"{where}: tokenizer must be the file name of the vocabulary beside it, got {shown(tokenizer)}")
+    if not (d / tokenizer).is_file():
+        raise EmageError(f"{d / tokenizer} is missing: config.json names it as the caption vocabulary; "
+                         "copy the checkpoint again")
     if not isinstance(vqgan_dir, str) or not vqgan_dir or "\0" in vqgan_dir or len(vqgan_dir) > 4096:
         raise EmageError(f"{where}: vqgan_dir must be a path relative to the checkpoint, got {shown(vqgan_dir)}")
     variant = meta.get("variant")
@@ -857,7 +861,7 @@ def load_checkpoint(ckpt_dir, map_location="cpu", make_beyond=None) -> tuple[Ema
     try:
         beyond = make_beyond(meta) if make_beyond is not None else None
         config = EmageConfig.from_dict(meta["config"])
-        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        with meta_device():  # shapes only: nothing allocated, nothing initialised
             model = Emage(config, variant=variant, beyond=beyond)
     except EmageError as e:
         raise EmageError(f"{where}: {e}") from None

@@ -17,6 +17,7 @@ import struct
 import tempfile
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,24 @@ def safetensors_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise
     except (SafetensorError, OSError, ValueError) as e:
         raise FileError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: {one_line(e, 160)})") from None
+
+
+class _SkipNormalInit(torch.overrides.TorchFunctionMode):
+    """normal_ as a no-op: on the meta device there is nothing to fill, and torch's meta kernel
+    for normal_ costs ~1.5 s and ~75 MB of imports on first use."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "normal_":  # Tensor.normal_(t, ...) or nn.init.normal_(tensor=t, ...)
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def meta_device():
+    """Build modules on the meta device: their parameter names and shapes, nothing allocated or
+    initialised, to compare with a weights file's header before reading a weight."""
+    with torch.device("meta"), _SkipNormalInit():
+        yield
 
 
 # ----------------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ def check_train_args(args) -> None:
     check_int("--seed", args.seed, 0, 2**63 - 1, E)
     check_int("--threads", args.threads, 0, 1024, E)
     torch_device(args.device)
+    if not args.patterns and not args.resume:
+        network_config(args)  # its fields, before --out is touched
 
 
 # ---------------------------------------------------------------------------
@@ -353,6 +355,16 @@ def train_patterns(args) -> dict:
     return report
 
 
+def network_config(args) -> VQGANConfig:
+    """The VQGAN the flags describe (the preset with --encoder, --n-embed, --ch, ...), every field
+    checked by VQGANConfig before anything is built."""
+    preset = vqgan_config()
+    return replace(preset, encoder=args.encoder, n_embed=args.n_embed, embed_dim=args.embed_dim, ch=args.ch,
+                   ch_mult=tuple(args.ch_mult), num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
+                   norm_groups=args.norm_groups, palette=preset.palette if args.palette else (),
+                   out_channels=preset.out_channels if args.palette else 3)
+
+
 def read_train_state(path: Path, n_embed: int, device) -> dict:
     """train_state.pt, weights-only, every field checked before use."""
     try:
@@ -387,11 +399,7 @@ def train(args) -> dict:
         state = read_train_state(out / TRAIN_STATE_NAME, model.config.n_embed, device)
         step, usage = state["step"], state["usage"].cpu()
     else:
-        preset = vqgan_config()
-        config = replace(preset, encoder=args.encoder, n_embed=args.n_embed, embed_dim=args.embed_dim, ch=args.ch, ch_mult=tuple(args.ch_mult),
-                         num_res_blocks=args.num_res_blocks, z_channels=args.z_channels, norm_groups=args.norm_groups,
-                         palette=preset.palette if args.palette else (),
-                         out_channels=preset.out_channels if args.palette else 3)
+        config = network_config(args)
         model, state, step = VQGAN(config).to(device), None, 0
         usage = torch.zeros(config.n_embed, dtype=torch.long)
     if model.config.quantizer != "vector":

@@ -59,7 +59,7 @@ import emage
 import extensions
 import vqgan
 from clip_text import ClipTextError, Tokenizer
-from files import to_uint8, write_json, write_text
+from files import FileError, read_json, to_uint8, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent
 SHAPES_VQGAN = ROOT / "checkpoints" / "shapes" / "patterns"  # the demo's colour-factored tokenizer
@@ -151,13 +151,22 @@ def apply_overrides(config: emage.EmageConfig, beyond: extensions.Beyond, overri
 
 
 def vqgan_colours(vqgan_dir) -> int:
-    """Palette size of a colour-factored VQGAN (quantizer "pattern"), else 0: Beyond.colours."""
+    """Palette size of a colour-factored VQGAN (quantizer "pattern"), else 0: Beyond.colours.
+    config.json is read bounded and its fields checked (load_vqgan checks the rest later)."""
     path = Path(vqgan_dir) / "config.json"
+    if not path.is_file():
+        return 0
     try:
-        config = json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
-    except (ValueError, AttributeError):
-        raise TrainError(f"{path} is not a VQGAN config; pass another --vqgan") from None
-    return len(config.get("palette", ())) if config.get("quantizer") == "pattern" else 0
+        meta = read_json(path)
+    except FileError as e:
+        raise TrainError(f"{e}; pass another --vqgan") from None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise TrainError(f"{path} is not a VQGAN config; pass another --vqgan")
+    palette = config.get("palette", ())
+    if not isinstance(palette, (list, tuple)) or len(palette) > 1024:
+        raise TrainError(f"{path}: palette must be a list of at most 1024 colours; pass another --vqgan")
+    return len(palette) if config.get("quantizer") == "pattern" else 0
 
 
 def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
@@ -582,6 +591,8 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
     data_dir = shapes_tokens(args, rank, world) if args.data == "shapes" else Path(args.data)
     shards = data.TokenShards(data_dir)
     vqgan_dir = Path(args.vqgan or shards.meta["vqgan"])
+    if vqgan_dir.is_dir():
+        vqgan.check_folder(vqgan_dir)  # config.json and the weights' header, before any model is built
     check_vqgan(shards, vqgan_dir, data_dir)
     tokenizer = None if args.resume else Tokenizer(caption_vocabulary(args))  # a resumed run reads its own
 

@@ -36,8 +36,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from files import (FileError, atomic_write, check_choice, check_float, check_int, check_output, is_whole, one_line,
-                   open_image, read_json, safetensors_header, shown, to_uint8, write_json)
+from files import (FileError, atomic_write, check_choice, check_float, check_int, check_output, is_whole, meta_device,
+                   one_line, open_image, read_json, safetensors_header, shown, to_uint8, write_json)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -704,27 +704,7 @@ def load_vqgan(path: str | Path) -> VQGAN:
     """
     path = Path(path)
     if path.is_dir():
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise VQGANError(f"{path} is not a VQGAN checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-        try:
-            meta = read_json(path / CONFIG_NAME)
-        except FileError as error:
-            raise VQGANError(f"{path} is a damaged checkpoint: {error}") from None
-        if not isinstance(meta, dict) or meta.get("model") != "vqgan" or "config" not in meta:
-            model_name = meta.get("model") if isinstance(meta, dict) else meta
-            raise VQGANError(f"{path / CONFIG_NAME} does not describe a VQGAN (model={shown(model_name)})")
-        try:
-            config = VQGANConfig.from_dict(meta["config"])
-        except VQGANError as error:
-            raise VQGANError(f"{path / CONFIG_NAME}: {error}") from None
-        source = str(path)
-        with torch.device("meta"):  # shapes only: nothing allocated
-            expected = VQGAN(config).state_dict()
-        try:
-            stored = safetensors_header(path / WEIGHTS_NAME)
-        except FileError as error:
-            raise VQGANError(f"{path} is a damaged checkpoint: {error}") from None
-        check_shapes(stored, expected, source)
+        config, source = check_folder(path), str(path)
         try:
             state = load_file(path / WEIGHTS_NAME)
         except (SafetensorError, OSError) as error:
@@ -744,6 +724,34 @@ def load_vqgan(path: str | Path) -> VQGAN:
     model = VQGAN(config)
     load_state_strict(model, state, source)
     return model.eval()
+
+
+def check_folder(path: str | Path) -> VQGANConfig:
+    """The config of a native VQGAN folder, checked without reading a weight: config.json read
+    bounded with every field checked (VQGANConfig), then a meta-device model's tensor names and
+    shapes compared with the safetensors header."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise VQGANError(f"{path} is not a VQGAN checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = read_json(path / CONFIG_NAME)
+    except FileError as error:
+        raise VQGANError(f"{path} is a damaged checkpoint: {error}") from None
+    if not isinstance(meta, dict) or meta.get("model") != "vqgan" or "config" not in meta:
+        model_name = meta.get("model") if isinstance(meta, dict) else meta
+        raise VQGANError(f"{path / CONFIG_NAME} does not describe a VQGAN (model={shown(model_name)})")
+    try:
+        config = VQGANConfig.from_dict(meta["config"])
+    except VQGANError as error:
+        raise VQGANError(f"{path / CONFIG_NAME}: {error}") from None
+    with meta_device():  # shapes only: nothing allocated
+        expected = VQGAN(config).state_dict()
+    try:
+        stored = safetensors_header(path / WEIGHTS_NAME)
+    except FileError as error:
+        raise VQGANError(f"{path} is a damaged checkpoint: {error}") from None
+    check_shapes(stored, expected, str(path))
+    return config
 
 
 def check_shapes(stored: dict, expected: dict, source: str) -> None:
