@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import tarfile
 import time
@@ -928,3 +929,123 @@ def test_a_pickle_named_model_safetensors_is_refused(world, tmp_path, capsys):
     with pytest.raises(vqgan.VQGANError):
         vqgan.load_vqgan(vq)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Data loss: no command replaces or deletes a file it did not write, unless told to
+# (the four first paths: an export into a checkpoint folder, tests/test_export_onnx.py; a
+# fresh run over an earlier one, tests/test_train.py; shipped default outputs,
+# tests/test_shapes_tokenizers.py and tests/test_clip_image.py; two trainings into one
+# --out, below)
+# ----------------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_training_into_a_running_one_is_refused_naming_the_holder(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    pid = fork(lambda: train.main([str(a) for a in train_argv(world, out, "--save-every", 10**6, steps=10**6)]))
+    try:
+        wait_for(out / "metrics.jsonl", pid)  # the first run holds the lock and is training
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").stat().st_size:  # a first step logged: its signal handlers are in place
+            assert time.time() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "the first run never logged a step"
+            time.sleep(0.02)
+        for extra in ([], ["--resume"], ["--save-every", 1]):
+            rc, err = cli(train.main, train_argv(world, out, *extra, steps=3), capsys)
+            line = assert_user_error(rc, err, f"process {pid}", "being written")
+            assert str(out) in line
+        assert not list(out.glob("step-*"))  # the refused runs wrote no checkpoint
+    finally:
+        os.kill(pid, signal.SIGTERM)  # the first run saves the step it reached and exits
+    assert wait(pid) == 0
+    latest = json.loads((out / "latest.json").read_text())
+    model, info = emage.load_checkpoint(out / latest["dir"])
+    assert info["step"] == latest["step"] >= 1 and not (out / "train.lock").exists()
+    assert [step for step, _ in losses(out)] == list(range(1, latest["step"] + 1))  # one run's records, in order
+
+
+def test_sample_replaces_only_its_own_png_unless_overwrite(world, tmp_path, capsys):
+    argv = ["a red circle", "--checkpoint", world / "emage", "--steps", 2, "--device", "cpu", "--candidates", 1]
+    mine = tmp_path / "mine.png"
+    for content in (b"my holiday photo", Image.new("RGB", (8, 8)).tobytes(), b"\x89PNG\r\n\x1a\n broken"):
+        mine.write_bytes(content)
+        for extra in ([], ["--show-steps"]):
+            rc, err = cli(sample.main, [*argv, "--out", mine, *extra], capsys)
+            assert_user_error(rc, err, str(mine), "--overwrite")
+            assert mine.read_bytes() == content
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(photo)
+    before = photo.read_bytes()
+    rc, err = cli(sample.main, [*argv, "--out", photo], capsys)
+    assert_user_error(rc, err, "not written by sample.py")
+    assert photo.read_bytes() == before
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "x-steps.png").write_bytes(b"mine")  # a strip name taken by another file
+    rc, err = cli(sample.main, [*argv, "--out", tmp_path / "steps" / "x.png", "--show-steps"], capsys)
+    assert_user_error(rc, err, "x-steps.png")
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["x-steps.png"]
+    # Its own PNG is replaced by a run with other settings; --overwrite replaces anything.
+    assert cli(sample.main, [*argv, "--out", tmp_path / "own.png"], capsys)[0] == 0
+    assert cli(sample.main, [*argv, "--out", tmp_path / "own.png", "--seed", 3], capsys)[0] == 0
+    assert json.loads(Image.open(tmp_path / "own.png").text["parameters"])["seed"] == 3
+    assert cli(sample.main, [*argv, "--out", photo, "--overwrite"], capsys)[0] == 0
+    assert sample.is_sample_png(photo)
+
+
+def test_prepare_never_writes_into_a_folder_of_other_files(world, tmp_path, capsys):
+    argv = ["prepare", "--source", "shapes", "--examples", 4, "--vqgan", world / "vqgan", "--device", "cpu"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    shutil.copytree(world / "emage", mine / "emage")
+    for folder in (mine, mine / "emage", world / "tokens"):  # anything, a checkpoint, shards written elsewhere
+        before = snapshot(folder)
+        rc, err = cli(data.main, [*argv, "--out", folder], capsys)
+        assert_user_error(rc, err, str(folder), "prepare.json")
+        assert snapshot(folder) == before
+    (tmp_path / "file").write_text("x")
+    rc, err = cli(data.main, [*argv, "--out", tmp_path / "file"], capsys)
+    assert_user_error(rc, err, "is a file")
+    assert (tmp_path / "file").read_text() == "x"
+    assert cli(data.main, [*argv, "--out", tmp_path / "tok"], capsys)[0] == 0  # new: written
+    first = snapshot(tmp_path / "tok")
+    assert cli(data.main, [*argv, "--out", tmp_path / "tok"], capsys)[0] == 0  # its own: resumed, the same bytes
+    assert snapshot(tmp_path / "tok") == first
+    rc, err = cli(data.main, [*argv, "--out", tmp_path / "tok", "--seed", 1], capsys)  # another source: refused
+    assert_user_error(rc, err, "another source")
+    assert snapshot(tmp_path / "tok") == first
+
+
+def test_vqgan_and_clip_conversions_never_replace_what_they_did_not_write(world, tmp_path, capsys):
+    import clip_image
+
+    checkpoint = tmp_path / "emage"
+    shutil.copytree(world / "emage", checkpoint)
+    before = snapshot(checkpoint)
+    for flags in ([], ["--overwrite"]):  # a generator checkpoint: never, even with --overwrite
+        rc, err = cli(vqgan.main, ["convert", world / "vqgan", checkpoint, *flags], capsys)
+        assert_user_error(rc, err, "holds other files")
+        rc, err = cli(clip_image.main, ["convert", clip_image.SHAPES_CLIP, checkpoint, *flags], capsys)
+        assert_user_error(rc, err, "holds other files")
+    assert snapshot(checkpoint) == before
+    assert cli(vqgan.main, ["convert", world / "vqgan", tmp_path / "vq"], capsys)[0] == 0
+    first = snapshot(tmp_path / "vq")
+    rc, err = cli(vqgan.main, ["convert", world / "vqgan", tmp_path / "vq"], capsys)
+    assert_user_error(rc, err, "--overwrite")
+    assert snapshot(tmp_path / "vq") == first
+    assert cli(vqgan.main, ["convert", world / "vqgan", tmp_path / "vq", "--overwrite"], capsys)[0] == 0
+    assert cli(clip_image.main, ["convert", clip_image.SHAPES_CLIP, tmp_path / "clip"], capsys)[0] == 0
+    rc, err = cli(clip_image.main, ["convert", clip_image.SHAPES_CLIP, tmp_path / "clip"], capsys)
+    assert_user_error(rc, err, "--overwrite")
+    # reconstruct: an existing --out (its default, reconstruction.png, included) needs --overwrite.
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    (tmp_path / "sheet.png").write_bytes(b"mine")
+    rc, err = cli(vqgan.main, ["reconstruct", tmp_path / "in.png", "--checkpoint", world / "vqgan",
+                               "--out", tmp_path / "sheet.png"], capsys)
+    assert_user_error(rc, err, "--overwrite")
+    assert (tmp_path / "sheet.png").read_bytes() == b"mine"
+    assert cli(vqgan.main, ["reconstruct", tmp_path / "in.png", "--checkpoint", world / "vqgan",
+                            "--out", tmp_path / "sheet.png", "--overwrite"], capsys)[0] == 0
