@@ -37,7 +37,6 @@ import json
 import os
 import random
 import sys
-import re
 import tarfile
 import zlib
 from pathlib import Path

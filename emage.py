@@ -42,7 +42,6 @@ on the host from one `torch.Generator` in this fixed order, B' = rows of the out
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import emage
 import extensions
-from files import FileError, atomic_write, check_int, is_whole, read_json, shown, write_json
+from files import FileError, check_int, is_whole, read_json, shown, write_json
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "emage"

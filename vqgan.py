@@ -21,7 +21,6 @@ only an earlier conversion):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 import sys
