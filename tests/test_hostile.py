@@ -26,7 +26,8 @@ files.open_image accepts (a cut that lost only the end marker) may also be used:
 one line. Classes 1 and 2 run each command
 in a forked child and measure its peak RSS growth with resource.getrusage: it must stay
 under MEMORY_BOUND_MB (README, Reliability), and a config must be refused within
-CONFIG_SECONDS. Class 3 calls main(argv) in-process.
+CONFIG_SECONDS. Class 3 calls main(argv) in-process. With -s the largest growth per class is
+printed; HOSTILE_DEBUG=1 also prints every command's seconds, growth and error line.
 """
 from __future__ import annotations
 
