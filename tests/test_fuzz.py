@@ -10,10 +10,13 @@ shapes.parse, and of the image front door, files.open_image.
   grammar samples parses back to itself.
 - files.open_image: any bytes, and any damage to a real PNG or JPEG, give an RGB image or
   a one-line FileError, never another exception.
+- files.png_text and files.read_json: any bytes, and any damage to a PNG with text chunks,
+  give text (within the caps) or a one-line FileError; a whole PNG gives what Pillow reads.
 """
 from __future__ import annotations
 
 import io
+import json
 import random
 import string
 
@@ -161,3 +164,66 @@ def test_open_image_of_a_damaged_image_is_an_image_or_a_file_error(fmt, cut, fli
     image = _assert_image_or_file_error(bytes(blob[: max(1, cut % (len(blob) + 1))]))
     if image is not None and not flips:  # only cut: the whole picture or an error, never a half-decoded one
         assert image.tobytes() == files.open_image(REAL_IMAGES[fmt]).tobytes()
+
+
+# ----------------------------------------------------------------------------------------
+# files.png_text and files.read_json: the other two bounded readers of user files
+# ----------------------------------------------------------------------------------------
+
+
+def _assert_text_or_file_error(blob: bytes):
+    try:
+        text = files.png_text(blob, "upload.png")
+    except files.FileError as error:
+        assert str(error).startswith("upload.png ") and "\n" not in str(error)
+        return None
+    assert isinstance(text, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in text.items())
+    assert sum(len(v) for v in text.values()) <= files.MAX_TEXT_MEMORY
+    return text
+
+
+def _png_with_text() -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", '{"prompt": "a red circle", "seed": 0}')
+    info.add_text("caption", "a red circle", zip=True)
+    info.add_itxt("note", "\u7ea2\u8272\u7684\u5706", zip=True)
+    buffer = io.BytesIO()
+    shapes.render("a red circle", 0).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+PNG_WITH_TEXT = _png_with_text()
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=512), st.binary(max_size=512).map(lambda b: files.PNG_SIGNATURE + b)))
+def test_png_text_of_any_bytes_is_text_or_a_file_error(blob):
+    _assert_text_or_file_error(blob)
+
+
+@FUZZ
+@given(st.integers(min_value=0, max_value=10**6),
+       st.lists(st.tuples(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=255)), max_size=8))
+def test_png_text_of_a_damaged_png_is_text_or_a_file_error(cut, flips):
+    blob = bytearray(PNG_WITH_TEXT)
+    for position, value in flips:
+        blob[position % len(blob)] = value
+    text = _assert_text_or_file_error(bytes(blob[: max(1, cut % (len(blob) + 1))]))
+    if not flips and cut % (len(blob) + 1) >= len(blob):  # whole: every chunk, decoded as Pillow decodes it
+        assert text == Image.open(io.BytesIO(PNG_WITH_TEXT)).text
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=20).map(lambda v: json.dumps(v).encode())))
+def test_read_json_of_any_bytes_is_a_value_or_a_file_error(tmp_path_factory, blob):
+    path = tmp_path_factory.getbasetemp() / "config.json"
+    path.write_bytes(blob)
+    try:
+        files.read_json(path, "config.json")
+    except files.FileError as error:
+        assert str(error).startswith("config.json ") and "\n" not in str(error)
