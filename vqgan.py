@@ -514,7 +514,9 @@ class VQGAN(nn.Module):
         super().__init__()
         self.config = config
         if config.palette:  # a constant of the config, not a weight: kept out of the state dict
-            colours = torch.tensor(config.palette, dtype=torch.float32) / 127.5 - 1.0  # (K, 3) in [-1, 1]
+            # (K, 3) in [-1, 1], computed on the CPU also inside files.meta_device (a division of meta
+            # tensors costs torch ~1.5 s of imports on first use)
+            colours = torch.tensor(config.palette, dtype=torch.float32, device="cpu") / 127.5 - 1.0
             self.register_buffer("palette_rgb", colours, persistent=False)
         if config.quantizer == "pattern":  # no networks: palette classes in, palette classes out
             self.quantize = PatternQuantizer(len(config.palette), config.patterns, config.downsample_factor)
