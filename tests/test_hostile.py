@@ -7,8 +7,9 @@ point that can meet it:
    --resume, app.py, eval_fid.py shapes), of a VQGAN folder (vqgan.py reconstruct /
    convert, sample.py --vqgan, data.py prepare, train.py --vqgan, export_onnx.py through
    its checkpoint, shapes_tokenizers.py eval / train --resume), of an ONNX export
-   (sample.py --backend onnx) and meta.json and files of token shards (train.py --data,
-   data.py show): fields of the wrong type, out of range (ten million layers, a 100,000 x
+   (sample.py --backend onnx), of a converted CLIP (clip_image.py score / convert, sample.py
+   --rerank clip) and meta.json and files of token shards (train.py --data, data.py show):
+   fields of the wrong type, out of range (ten million layers, a 100,000 x
    100,000 grid), NaN and infinity, strings outside their choice set, missing and unknown
    fields, garbage JSON, and in-range values that do not fit the weights.
 2. images: decompression bombs (PNG, GIF, BMP, JPEG headers claiming up to 2**31 pixels a
@@ -309,8 +310,8 @@ def hostile_json(draw, base: dict, fields: dict, misfit: dict | None = None, nes
     adds an unknown one to a nested config, or replaces the config by another type."""
     meta = json.loads(json.dumps(base))
     target = meta[nested] if nested else meta
-    choices = ["field", "structure", "garbage"] + (["misfit"] if misfit else []) + (["top"] if top else []) \
-        + (["text"] if nested_fields else [])
+    choices = (["field"] if fields else []) + ["structure", "garbage"] + (["misfit"] if misfit else []) \
+        + (["top"] if top else []) + (["text"] if nested_fields else [])
     how = draw(st.sampled_from(choices))
     if how == "garbage":
         return draw(garbage_json())
@@ -327,7 +328,7 @@ def hostile_json(draw, base: dict, fields: dict, misfit: dict | None = None, nes
         name = draw(st.sampled_from(sorted(top)))
         meta[name] = draw(top[name])
     else:
-        change = draw(st.sampled_from(["delete", "unknown", "replace"] if nested else ["delete", "replace"]))
+        change = draw(st.sampled_from((["delete"] if required else []) + (["unknown"] if nested else []) + ["replace"]))
         if change == "delete":
             del target[draw(st.sampled_from(sorted(required)))]
         elif change == "unknown":
@@ -431,6 +432,44 @@ def test_a_hostile_export_config_is_refused_in_bounded_memory(world, tmp_path_fa
     results = {"sample.py --backend onnx": forked(sample.main, ["a red circle", "--backend", "onnx", "--onnx-dir",
                                                                 work / "export", "--out", work / "x.png"])}
     must_refuse_config(results, "export config.json")
+
+
+VISION_FIELDS = {"image_size": bad_int(1, 4096), "patch_size": bad_int(1, 64), "width": bad_int(1, 65536),
+                 "heads": st.one_of(bad_int(1, 65536), st.just(3)), "layers": bad_int(1, 256),
+                 "embed_dim": bad_int(1, 65536)}
+
+
+@st.composite
+def hostile_clip_config(draw, base: dict) -> bytes:
+    """A whole-CLIP config.json (clip_image.py convert's format) with its vision or text tower,
+    its vocabulary name or its format made hostile, or a garbage file."""
+    tower = draw(st.sampled_from(["vision", "text", "top"]))
+    if tower == "vision":
+        return draw(hostile_json(base, VISION_FIELDS, None, "vision", required=("image_size", "width", "layers")))
+    if tower == "text":
+        return draw(hostile_json(base, TEXT_FIELDS, None, "text", required=("vocab_size", "width", "layers")))
+    return draw(hostile_json(base, {}, top={"tokenizer": META_FIELDS["tokenizer"], "format": bad_choice(("emage.clip",)),
+                                            "text": NOT_A_NUMBER, "vision": NOT_A_NUMBER}))
+
+
+@HOSTILE
+@given(st.data())
+def test_a_hostile_clip_config_is_refused_in_bounded_memory_by_every_entry_point(world, tmp_path_factory, data_):
+    blob = data_.draw(hostile_clip_config(json.loads((clip_image.SHAPES_CLIP / "config.json").read_text())))
+    work = fresh(tmp_path_factory)
+    folder = work / "clip"
+    shutil.copytree(clip_image.SHAPES_CLIP, folder)
+    (folder / "config.json").write_bytes(blob)
+    results = {
+        "clip_image.py score": forked(clip_image.main, ["score", world / "good.png", "--caption", "a red circle",
+                                                        "--clip", folder]),
+        "clip_image.py convert": forked(clip_image.main, ["convert", folder, work / "converted"]),
+        "sample.py --rerank clip": forked(sample.main, ["a red circle", "--checkpoint", world / "emage", "--steps", 2,
+                                                        "--candidates", 2, "--rerank", "clip", "--clip", folder,
+                                                        "--out", work / "x.png"]),
+    }
+    must_refuse_config(results, "CLIP config.json")
+    assert not (work / "converted").exists() and not (work / "x.png").exists()
 
 
 SHARD_FIELDS = {"grid": BAD_GRID, "codebook_size": bad_int(1, 2**16), "image_size": bad_int(0, 1 << 20),
