@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import atomic_write, write_json
+from files import FileError, atomic_write, check_output, write_json
 
 
 class ClipTextError(ValueError):
@@ -646,7 +646,18 @@ def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) 
 # ----------------------------------------------------------------------------------------
 
 
+def _is_native_text_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format") == NATIVE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _convert(args: argparse.Namespace) -> None:
+    try:  # never over a folder it did not write; over its own earlier conversion only with --overwrite
+        check_output(args.out_dir, args.overwrite, "folder", "OUT_DIR", ours=_is_native_text_folder)
+    except FileError as error:
+        raise ClipTextError(str(error)) from None
     encoder = load_clip_text(args.src, trust_torchscript=args.trust_torchscript)
     vocabulary = vocabulary_beside(args.src)  # a Hugging Face folder's merges.txt
     if vocabulary is not None:
@@ -693,6 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir", help="where to write config.json + model.safetensors (+ a Hugging Face folder's merges.txt "
                    "and vocab.json, the captions' vocabulary)")
     p.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI's TorchScript archive (it can run code)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR")
     p.set_defaults(run=_convert)
 
     p = commands.add_parser("encode", help="print token ids and the pooled vector's norm", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -605,6 +605,30 @@ def cmd_shapes(args) -> None:
         files.write_json(args.json, report)
 
 
+def check_args(args) -> None:
+    """Numbers in range (NaN and infinity refused) and outputs that would replace a file only with
+    --overwrite, before any work."""
+    for name in ("temperature", "guidance", "choice_temperature"):
+        if getattr(args, name, None) is not None:
+            files.check_float(f"--{name.replace('_', '-')}", getattr(args, name), 0.0, 1e3, FIDError)
+    for name in ("seed", "first_seed"):
+        if getattr(args, name, None) is not None:
+            files.check_int(f"--{name.replace('_', '-')}", getattr(args, name), 0, 2**63 - 1, FIDError)
+    for name, high in (("num_captions", 10**7), ("seeds", 1024), ("limit", 10**7), ("candidates", 256),
+                       ("batch_size", 4096), ("steps", 1024), ("size", 8192)):
+        if getattr(args, name, None) is not None:
+            files.check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1, high, FIDError)
+    if getattr(args, "workers", None) is not None:
+        files.check_int("--workers", args.workers, 0, 256, FIDError)
+    overwrite = getattr(args, "overwrite", False)
+    for name, flag in (("json", "--json"), ("out", "--out")):
+        path = getattr(args, name, None)
+        if path is not None and args.command in ("fid", "stats", "reference", "shapes"):
+            files.check_output(path, overwrite, "file", flag if args.command != "stats" else "OUT")
+    if getattr(args, "save", None) is not None:
+        files.check_output(args.save, overwrite, "folder", "--save")
+
+
 def _user_error(error: Exception) -> bool:
     """OS errors, and the project's own error types (each module's `<Module>Error(ValueError)`)."""
     return isinstance(error, OSError) or type(error).__module__ in PROJECT_MODULES
@@ -735,8 +759,12 @@ def main(argv=None) -> int:
     p.add_argument("--save", type=Path, default=None, help="also write the generated PNGs here")
     p.set_defaults(run=cmd_shapes)
 
+    for name in ("fid", "stats", "reference", "shapes"):
+        sub.choices[name].add_argument("--overwrite", action="store_true",
+                                       help="replace an existing output file (never replaced otherwise)")
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         args.run(args)
     except (ValueError, OSError) as error:
         if not _user_error(error):
