@@ -466,3 +466,15 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
         load_checkpoint(tmp_path / "ck")
     with pytest.raises(EmageError, match="not an Emage checkpoint"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["paper", "shapes"])
+def test_the_size_check_counts_the_parameters_the_model_has(preset):
+    """_check_config refuses huge configs from a count made without building the model; that
+    count must be the model's own (built here on the meta device, no memory)."""
+    from emage import _parameter_count
+
+    config = getattr(EmageConfig, preset)()
+    with torch.device("meta"):
+        model = Emage(config)
+    assert _parameter_count(config) == sum(p.numel() for p in model.parameters())

@@ -40,6 +40,7 @@ import eval_fid
 import inception
 import export_onnx
 import sample
+import run_folder
 import train
 import vqgan
 from shapes_tokenizers import SHAPES_BPE_PATH
@@ -710,7 +711,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, refere
         import safetensors.torch
 
         calls = {"save_file": 0, "torch.save": 0, "latest": 0}
-        save_file, torch_save, write_json = safetensors.torch.save_file, torch.save, train.write_json
+        save_file, torch_save, write_json = safetensors.torch.save_file, torch.save, run_folder.write_json
 
         def pause():
             ready.touch()
@@ -740,7 +741,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, refere
 
         safetensors.torch.save_file = partial_save_file
         torch.save = slow_torch_save
-        train.write_json = partial_json  # files.write_json, as train.py imported it
+        run_folder.write_json = partial_json  # files.write_json, as run_folder.py imported it
         return train.main([str(a) for a in train_argv(world, out, "--save-every", 2, "--keep", 3)])
 
     pid = fork(child)
