@@ -173,7 +173,7 @@ class MetricsLog:
     kill mid-write is dropped), then appended to and flushed record by record."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.file = None
+        self.file, self.path = None, path
         if not enabled:
             return
         if resume_step is not None and path.is_file():
@@ -189,6 +189,12 @@ class MetricsLog:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
                 yield line
+
+    def records(self) -> list[dict]:
+        """Every record written so far (those kept from before a resume included)."""
+        if self.file is None:
+            return []
+        return [json.loads(line) for line in self._kept(self.path, 2**63)]
 
     def write(self, record: dict) -> None:
         if self.file is not None:

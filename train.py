@@ -74,13 +74,17 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, warmup: float = 0.02) -> float:
+def lr_at(step: int, total_steps: int, base_lr: float, warmup: float = 0.02, schedule: str = "cosine") -> float:
     """Cosine schedule with linear warm-up over the first `warmup` fraction of the steps
     (Section 4: "cosine learning rate scheduler with warm up ratio=0.02"). `step` counts
-    from 0; the rate decays to 0 at `total_steps`."""
+    from 0; the rate decays to 0 at `total_steps`. schedule="constant" keeps the peak after
+    the warm-up, so that a run stopped at its plateau (--until-plateau) was not stopped by
+    a rate that had already decayed."""
     warmup_steps = max(1, math.ceil(warmup * total_steps))
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -273,7 +277,7 @@ def image_grid(images, captions, scale: int = 2, cols: int = 4):
     return canvas
 
 
-def evaluate(model, vq, tokenizer, captions, context_length, grid, device, seed, shapes_world: bool):
+def evaluate(model, vq, tokenizer, captions, context_length, grid, device, seed, shapes_world: bool, temperature=1.0):
     """Generate one image per caption (the variant's own algorithm, 16 rounds); score them
     against SHAPES.md when training on the shapes world. Returns (metrics, images)."""
     from PIL import Image
@@ -284,7 +288,7 @@ def evaluate(model, vq, tokenizer, captions, context_length, grid, device, seed,
     generator = torch.Generator(device=device).manual_seed(seed)
     for start in tqdm(range(0, len(captions), 16), desc="evaluating", unit="batch", leave=False):
         text = tokenizer(captions[start:start + 16], context_length=context_length).to(device)
-        tokens.append(model.generate(text, steps=16, generator=generator))  # (b, n)
+        tokens.append(model.generate(text, steps=16, temperature=temperature, generator=generator))  # (b, n)
     model.train(was_training)
     with torch.no_grad():
         images = [Image.fromarray(a) for a in to_uint8(vq.decode(torch.cat(tokens).view(-1, *grid)))]
@@ -499,12 +503,13 @@ def training_loop(run: Run, later_steps: int = 0) -> int:
     log = MetricsLog(run.out / "metrics.jsonl", run.start_step if run.resume_dir else None, run.is_main)
     evaluator = Evaluator(run) if run.is_main else None
     step, last_good, window = run.start_step, run.resume_dir, []
+    history = [(r["step"], r["accuracy_all"]) for r in log.records() if "accuracy_all" in r]  # for --until-plateau
     bar = tqdm(total=args.steps, initial=step, disable=not run.is_main, dynamic_ncols=True, unit="step")
     try:
         with stop_on_signals() as stop:
             while step < args.steps:
                 t0 = time.perf_counter()
-                lr = lr_at(step, args.steps, args.lr, args.warmup)
+                lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 loss, norm, stop_asked = accumulate_gradients(run, step, stop)
@@ -540,6 +545,14 @@ def training_loop(run: Run, later_steps: int = 0) -> int:
                     if metrics:
                         log.write({"step": step, **metrics})
                         bar.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                        history.append((step, metrics.get("accuracy_all", 0.0)))
+                if args.until_plateau is not None and step % args.eval_every == 0 and at_plateau(run, history, evaluator):
+                    if step % args.save_every:
+                        last_good = run.checkpoint(step) or last_good
+                    log.write({"step": step, "plateau": True})
+                    if run.is_main:
+                        bar.write(f"step {step}: the accuracy has plateaued (--until-plateau); stopping")
+                    break
     finally:
         bar.close()
         log.close()
@@ -554,6 +567,8 @@ class Evaluator:
     def __init__(self, run: Run):
         self.run, self.vq = run, None
         self.shapes_world = run.shards.meta["source"].startswith("shapes(")  # scored against SHAPES.md
+        if run.args.until_plateau is not None and not self.shapes_world:
+            raise TrainError("--until-plateau needs an accuracy to watch, which only the shapes world has (--data shapes)")
         if run.vqgan_dir.exists():
             self.vq = vqgan.load_vqgan(run.vqgan_dir).to(run.device).eval()
         else:
@@ -573,10 +588,35 @@ class Evaluator:
         if self.vq is None or not self.captions:
             return None
         metrics, images = evaluate(run.model, self.vq, run.tokenizer, self.captions, run.model.config.text.context_length,
-                                   run.model.config.grid, run.device, run.args.seed, self.shapes_world)
+                                   run.model.config.grid, run.device, run.args.seed, self.shapes_world,
+                                   run.args.eval_temperature)
         path = run.out / "samples" / f"{checkpoint_name(step)}.png"
         image_grid(images, self.captions).save(path)
         return metrics
+
+
+def at_plateau(run: Run, history: list[tuple[int, float]], evaluator) -> bool:
+    """plateaued() on rank 0, which evaluates, told to every rank."""
+    done = torch.tensor(float(run.is_main and plateaued(history, len(evaluator.captions), run.args.until_plateau)))
+    if run.world > 1:
+        dist.broadcast(done, 0)
+    return bool(done.item())
+
+
+def plateaued(history: list[tuple[int, float]], count: int, min_steps: int) -> bool:
+    """--until-plateau's stopping rule. `history` holds (step, accuracy on `count` captions)
+    of every evaluation so far. At the last one, step s >= min_steps, the run has plateaued
+    when no evaluation after 0.75 s beats the best one up to 0.75 s by more than that best's
+    standard error, sqrt(p (1 - p) / count), and at least 1 / count."""
+    if not history or history[-1][0] < min_steps:
+        return False
+    last = history[-1][0]
+    early = [a for step, a in history if step <= 0.75 * last]
+    late = [a for step, a in history if step > 0.75 * last]
+    if not early:
+        return False
+    best = max(early)
+    return max(late) <= best + max(math.sqrt(best * (1 - best) / count), 1 / count)
 
 
 def resolve_args(args) -> None:
@@ -597,6 +637,10 @@ def resolve_args(args) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive whole number up to {high:,}, got {value}")
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise TrainError(f"--threads must be between 1 and 1024, got {args.threads}")
+    if not 0 < args.eval_temperature <= 100:  # nan fails too
+        raise TrainError(f"--eval-temperature must be in (0, 100], got {args.eval_temperature}")
+    if args.until_plateau is not None and not 0 <= args.until_plateau <= 10**9:
+        raise TrainError(f"--until-plateau takes the fewest steps to train, from 0 to 10**9, got {args.until_plateau}")
     if args.init and args.resume:
         raise TrainError("--init starts a new run from a checkpoint's weights and --resume continues a run: pass one")
     if not (0 < args.lr < math.inf and 0 <= args.warmup <= 1):  # nan fails both
@@ -769,6 +813,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --out (the newest ones)")
     p.add_argument("--log-every", type=int, default=None, help=f"steps per metrics.jsonl record {preset_help('log_every')}")
     p.add_argument("--eval-captions", type=int, default=16, help="captions generated at each evaluation")
+    p.add_argument("--eval-temperature", type=float, default=1.0, help="token sampling temperature of those evaluations")
+    p.add_argument("--until-plateau", type=int, default=None, metavar="MIN_STEPS",
+                   help="shapes world: stop once the evaluation accuracy has plateaued (train.plateaued: nothing in the "
+                        "last quarter of the run beats the best before it by a standard error), not before MIN_STEPS; "
+                        "--steps is then the cap")
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="after the warm-up: cosine decay to 0 at --steps (Section 4), or constant (for --until-plateau)")
     p.add_argument("--shapes-examples", type=int, default=30_000, help="examples in the tokenised shapes set built on first use")
     p.add_argument("--shapes-seed", type=int, default=0, help="seed of that shapes set")
     p.add_argument("--shapes-align", type=int, default=8,

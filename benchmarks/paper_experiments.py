@@ -1,182 +1,530 @@
-"""The paper's experiments, reproduced at small scale on the shapes world.
+"""The paper's experiments on the shapes world, every model trained to its plateau.
 
-Each table trains (where needed) and evaluates with the project's own commands:
-`train.py` for training, `eval_fid.shapes_accuracy` for accuracy on the fixed
-evaluation captions (all of them, 2 seeds each, SHAPES.md scorer), and a
-batch-1 latency measured in the same process (median of 5 after a warm-up).
+    python benchmarks/paper_experiments.py all              # train what is missing, evaluate, write docs/paper/
+    python benchmarks/paper_experiments.py status           # what is done, what is left, and an ETA
+    python benchmarks/paper_experiments.py report           # rewrite docs/paper/ from the finished runs
 
-    python benchmarks/paper_experiments.py table3      # Table 3: full NAR, #1, #2, #3, AR
-    python benchmarks/paper_experiments.py table6      # Table 6: #3 with T in {1, 2, 4, 8, 16, 32}
-    python benchmarks/paper_experiments.py schedules   # Section 4.7 / Fig. 4: linear vs cosine, train and inference
-    python benchmarks/paper_experiments.py guidance    # beyond the paper: classifier-free guidance sweep
-    python benchmarks/paper_experiments.py temperature # beyond the paper: token sampling temperature sweep
+Tables (docs/paper/tables.md, each also as JSON):
+- Table 3: fully NAR, #1, #2, #3 and the autoregressive baseline, trained with the paper's losses
+  only (Section 3.2-3.4; no extension of extensions.py). Seen and novel accuracy at T = 16, one
+  candidate, no re-ranking, with standard errors; latency per image at batch 1 and 16; the
+  steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds.
+- Section 4.7: linear against cosine masking, in training and at inference.
+- Table 6: T in {1, 2, 4, 8, 16, 32} for the plateau #3 and #1 models.
+- Table 5 (the text tower: random, CLIP-style, BERT): listed with what it still needs.
+- Learning curves: accuracy against step and against training FLOPs (curves_step.png,
+  curves_flops.png).
 
-Models of one table share model size, batch and number of steps. Training runs
-live in --runs (resumable: a finished run is reused); results are printed as a
-Markdown table and written to benchmarks/results/<table>.json and .md.
+Every model of a table shares the tokenizer, model size, data, optimizer and stopping rule:
+`train.py --until-plateau` evaluates all 240 evaluation captions every 500 steps and stops when
+nothing in the last quarter of the run beats the best before it by one standard error
+(train.plateaued), at a constant learning rate after the warm-up. Runs live in --runs and
+resume where they stopped: run `all` again after an interruption and nothing finished is redone.
+--jobs 2 trains two models side by side, one thread each.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import eval_fid  # noqa: E402
-import sample  # noqa: E402
+RUNS = ROOT / "runs" / "paper"
+OUT = ROOT / "docs" / "paper"
+T6_ROUNDS = (1, 2, 4, 8, 16, 32)
+TEMPERATURE = 0.7  # sample.py's default, for every model and table
 
-RESULTS = ROOT / "benchmarks" / "results"
-LATENCY_CAPTION = "a red circle to the left of a blue square"
+
+@dataclass(frozen=True)
+class Model:
+    """One training run of the suite."""
+
+    name: str
+    variant: str
+    seed: int = 0
+    sets: tuple[str, ...] = ()
+    evals: tuple[tuple[str, dict], ...] = ()  # extra evaluations beyond T = 16 (label, generate options)
+
+    @property
+    def label(self) -> str:
+        return {"full": "fully NAR", "ar": "autoregressive"}.get(self.variant, f"#{self.variant}")
 
 
-def train_run(out: Path, variant: str, steps: int, extra: list[str], threads: int) -> Path:
-    """Train one model with train.py unless `out` already holds its final checkpoint."""
-    final = out / f"step-{steps:07d}"
-    if not final.is_dir():
-        resume = ["--resume"] if (out / "latest.json").is_file() else []
-        command = [sys.executable, str(ROOT / "train.py"), "--variant", variant, "--steps", str(steps),
-                   "--out", str(out), "--threads", str(threads), *resume, *extra]
-        print("$", " ".join(command), flush=True)
+TABLE6 = tuple((f"T={t}", {"steps": t}) for t in T6_ROUNDS if t != 16)
+LINEAR_INFERENCE = (("linear inference", {"schedule": "linear"}),)
+# In the order they are trained: Table 3's first seed, Section 4.7, then the second seeds.
+MODELS = (
+    Model("full-s0", "full"),
+    Model("v1-s0", "1", evals=TABLE6),
+    Model("v2-s0", "2"),
+    Model("v3-s0", "3", evals=TABLE6 + LINEAR_INFERENCE),
+    Model("ar-s0", "ar"),
+    Model("v3-cosine-s0", "3", sets=("train_schedule=cosine",), evals=LINEAR_INFERENCE),
+    Model("v1-s1", "1", seed=1),
+    Model("v3-s1", "3", seed=1),
+    Model("ar-s1", "ar", seed=1),
+)
+SMOKE_MODELS = ("full-s0", "v1-s0", "v3-s0", "ar-s0")
+TABLE5_PENDING = ("the CLIP-style and BERT rows need text towers of the Table-3 tower's size (3 layers, width 128) "
+                  "pretrained on shapes captions, and train.py --text-init reading a BERT folder; the random row "
+                  "is Table 3's #1 and AR")
+
+
+@dataclass
+class Settings:
+    """What every model of the suite shares."""
+
+    runs: Path
+    out: Path
+    device: str = "cpu"
+    smoke: bool = False
+    jobs: int = 1
+    seeds: int = 2
+    captions: list[str] | None = None  # None: all evaluation captions
+    latency_repeats: int = 7
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def train_flags(self, model: Model) -> list[str]:
+        size = ["--set", "width=128", "--set", "layers=3", "--set", "mlp_ratio=2.0"]  # the demo's decoder
+        if self.smoke:
+            budget = ["--steps", "6", "--eval-every", "2", "--until-plateau", "2", "--eval-captions", "8",
+                      "--shapes-examples", "96", "--shapes-cache", str(self.runs / "tokens")]
+        else:
+            budget = ["--steps", "16000", "--eval-every", "500", "--until-plateau", "4000", "--eval-captions", "240",
+                      "--shapes-examples", "60000", "--shapes-cache", str(ROOT / "data" / "shapes-patterns-60k")]
+        return ["--recipe", "none", "--variant", model.variant, "--seed", str(model.seed), "--batch-size", "32",
+                "--lr", "1e-3", "--lr-schedule", "constant", "--eval-temperature", str(TEMPERATURE), "--keep", "2",
+                "--vqgan", str(ROOT / "checkpoints" / "shapes" / "patterns"), "--device", self.device,
+                *(["--threads", "1"] if self.device == "cpu" else []), *size, *budget,
+                *[x for kv in model.sets for x in ("--set", kv)]]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def metrics(run: Path) -> list[dict]:
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else ():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def trained(run: Path) -> int | None:
+    """The final step of a finished training (plateau reached or cap hit), else None."""
+    records = metrics(run)
+    ends = [r["step"] for r in records if r.get("plateau")]
+    latest = read_json(run / "latest.json", {}) or {}
+    cap = read_json(run / "cap.json")
+    if ends:
+        return ends[-1]
+    if cap is not None and latest.get("step") == cap:
+        return cap
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Training and evaluating one model
+# ----------------------------------------------------------------------------------------
+
+
+def run_child(command: list[str], log: Path, threads: int = 1) -> tuple[int, float, float]:
+    """(exit code, wall seconds, CPU seconds) of one child process, its output appended to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n$ {shlex.join(command)}   # {now()}\n")
+        out.flush()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+
+
+def train_model(model: Model, s: Settings) -> bool:
+    run = s.runs / model.name
+    run.mkdir(parents=True, exist_ok=True)
+    if trained(run) is not None:
+        return True
+    flags = s.train_flags(model)
+    write_json(run / "cap.json", int(flags[flags.index("--steps") + 1]))
+    resume = ["--resume"] if (run / "latest.json").is_file() else []
+    command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(run), *resume]
+    started = now()
+    code, wall, cpu = run_child(command, run / "train.log")
+    segments = read_json(run / "segments.json", [])
+    segments.append({"started": started, "finished": now(), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                     "exit": code, "command": shlex.join(command[1:])})
+    write_json(run / "segments.json", segments)
+    if code != 0:
+        print(f"[paper] {model.name}: train.py exited with {code}; see {run / 'train.log'}", flush=True)
+    return trained(run) is not None
+
+
+def evaluate_model(model: Model, s: Settings) -> None:
+    """accuracy.json: T = 16 (and the model's extra evaluations), one candidate, no re-ranking."""
+    run = s.runs / model.name
+    if (run / "accuracy.json").is_file():
+        return
+    command = [sys.executable, str(Path(__file__).resolve()), "evaluate-one", model.name, "--runs", str(s.runs),
+               "--device", s.device, *(["--smoke"] if s.smoke else [])]
+    code, _, _ = run_child(command, run / "evaluate.log")
+    if code != 0:
+        print(f"[paper] {model.name}: evaluation failed ({code}); see {run / 'evaluate.log'}", flush=True)
+
+
+def evaluate_one(model: Model, s: Settings) -> None:
+    """In its own process: the accuracies of one trained model, and its FLOPs per training step."""
+    import eval_fid
+
+    run = s.runs / model.name
+    step = trained(run)
+    checkpoint = run / f"step-{step:07d}"
+    rows = {}
+    for label, options in (("T=16", {"steps": 16}),) + model.evals:
+        report = eval_fid.shapes_accuracy(checkpoint, captions=s.captions, seeds=s.seeds, progress=False,
+                                          device=s.device, temperature=TEMPERATURE, **options)
+        rows[label] = {split: {"accuracy": report[split]["accuracy"], "count": report[split]["count"]}
+                       for split in ("seen", "novel", "all")}
+    write_json(run / "accuracy.json", {"checkpoint": str(checkpoint.relative_to(ROOT)) if checkpoint.is_relative_to(ROOT)
+                                       else str(checkpoint), "step": step, "evaluated": now(),
+                                       "train_flops_per_step": train_flops(checkpoint), "rows": rows})
+
+
+def train_flops(checkpoint: Path) -> int:
+    """Matrix-multiply FLOPs of one training step (forward and backward) at batch 32."""
+    import torch
+
+    import extensions
+    from benchmarks.flops import counted_flops
+
+    model, info = extensions.load_checkpoint(checkpoint)
+    c = model.config
+    text = torch.randint(0, c.text.vocab_size, (32, c.text.context_length))
+    image = torch.randint(0, c.codebook_size, (32, c.n))
+    model.train()
+    return counted_flops(lambda: model.loss(text, image, info["variant"]).backward())
+
+
+def se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+# ----------------------------------------------------------------------------------------
+# Latency: every finished model, interleaved, nothing else running
+# ----------------------------------------------------------------------------------------
+
+
+def measure_latency(models: list[Model], s: Settings) -> dict:
+    """Median seconds per image, caption -> tokens -> pixels, at batch 1 and 16, models interleaved."""
+    import torch
+
+    import eval_fid
+
+    torch.set_num_threads(1 if s.device == "cpu" else torch.get_num_threads())
+    loaded = {m.name: eval_fid._load_generator(s.runs / m.name / f"step-{trained(s.runs / m.name):07d}", s.device)[:3]
+              for m in models}
+    cells = [(m.name, batch, t) for m in models for batch in (1, 16)
+             for t in ((16,) + tuple(t for t in T6_ROUNDS if t != 16) * (m.name in ("v1-s0", "v3-s0")))]
+    times = {cell: [] for cell in cells}
+    caption = "a red circle to the left of a blue square"
+
+    def once(name, batch, t):
+        model, tokenizer, vq = loaded[name]
+        text = tokenizer([caption] * batch, context_length=model.config.text.context_length).to(s.device)
         started = time.perf_counter()
-        subprocess.run(command, check=True, cwd=ROOT)
-        (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
-    return final
+        with torch.no_grad():
+            tokens = model.generate(text, steps=t, temperature=TEMPERATURE)
+            vq.decode(tokens.view(-1, *model.config.grid))
+        if s.device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / batch
+
+    for cell in cells:
+        once(*cell)  # warm-up
+    for _ in range(s.latency_repeats):
+        for cell in cells:
+            times[cell].append(once(*cell))
+    result = {}
+    for (name, batch, t), values in times.items():
+        result.setdefault(name, {})[f"b{batch}_T{t}"] = statistics.median(values)
+    return {"measured": now(), "device": s.device, "repeats": s.latency_repeats, "seconds_per_image": result}
 
 
-def latency(checkpoint: Path, candidates: int = 1, **options) -> float:
-    """Median seconds to sample one image (caption -> tokens -> pixels) at batch 1.
-
-    With candidates > 1 the image is the best of that many by the self-score, as sample.py keeps.
-    """
-    pipe = sample.Pipeline.load(checkpoint, "cpu")
-    times = []
-    for i in range(6):  # the first run warms up
-        started = time.perf_counter()
-        pipe.decode(pipe.best_of(LATENCY_CAPTION, candidates, seed=i, **options))
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+# ----------------------------------------------------------------------------------------
+# Tables and curves
+# ----------------------------------------------------------------------------------------
 
 
-def evaluate(checkpoint: Path, args, **options) -> dict:
-    """Accuracy over every evaluation caption (args.seeds each) at args.temperature, and the latency."""
-    options.setdefault("temperature", args.temperature)
-    report = eval_fid.shapes_accuracy(checkpoint, seeds=args.seeds, progress=False, candidates=args.candidates,
-                                      **options)
-    steps = options.get("steps", 16)
-    timing = {k: v for k, v in options.items() if k in ("steps", "schedule", "algorithm", "guidance_scale", "temperature")}
-    timing.setdefault("steps", steps)
-    return {"seen": report["seen"]["accuracy"], "novel": report["novel"]["accuracy"],
-            "all": report["all"]["accuracy"], "count": report["all"]["count"],
-            "latency_s": latency(checkpoint, candidates=args.candidates, **timing)}
+def cell(row: dict, split: str) -> str:
+    p, n = row[split]["accuracy"], row[split]["count"]
+    return f"{p:.3f} ± {se(p, n):.3f}"
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+def markdown(columns: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
-def report(name: str, rows: list[dict], columns: list[str], command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, columns)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(f"`{command}`\n\n{table}\n")
-    print(table)
+def run_cost(run: Path) -> dict:
+    segments = read_json(run / "segments.json", [])
+    return {"cpu_s": sum(x["cpu_s"] for x in segments), "wall_s": sum(x["wall_s"] for x in segments),
+            "ran": [f"{x['started']} - {x['finished']}" for x in segments]}
 
 
-def common_training(args) -> list[str]:
-    lr = ["--lr", str(args.lr)] if args.lr is not None else []
-    return ["--batch-size", str(args.batch_size), "--eval-every", str(args.steps), *lr] + \
-        [x for kv in args.set for x in ("--set", kv)] + shlex.split(args.train_args)
+def report(s: Settings, models=MODELS) -> str:
+    """docs/paper/: tables.md, one JSON per table, and the learning curves."""
+    latency = read_json(s.out / "latency.json", {}) or {}
+    per_image = latency.get("seconds_per_image", {})
+    state = {m.name: read_json(s.runs / m.name / "accuracy.json") for m in models}
+    sections, tables = [], {}
+
+    rows, json_rows = [], []
+    for m in models:
+        if m.name.startswith("v3-cosine"):
+            continue
+        acc, cost, lat = state[m.name], run_cost(s.runs / m.name), per_image.get(m.name, {})
+        if acc is None:
+            rows.append([m.label, m.seed, "not finished", "", "", "", "", "", ""])
+            continue
+        r = acc["rows"]["T=16"]
+        fmt = lambda key: f"{lat[key]:.4f}" if key in lat else "not measured"  # noqa: E731
+        rows.append([m.label, m.seed, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), fmt("b1_T16"), fmt("b16_T16"),
+                     acc["step"], f"{cost['cpu_s'] / 60:.0f}"])
+        json_rows.append({"model": m.label, "seed": m.seed, **r, "plateau_step": acc["step"], **cost,
+                          "latency_b1_s": lat.get("b1_T16"), "latency_b16_s": lat.get("b16_T16"),
+                          "train_flops_per_step": acc["train_flops_per_step"]})
+    tables["table3"] = json_rows
+    sections.append("## Table 3: the variants at their plateau\n\nT = 16 rounds (the autoregressive model: one "
+                    "step per token), temperature 0.7, one candidate, no re-ranking; accuracy ± one standard error "
+                    "over the (caption, seed) pairs; latency in seconds per image, caption to pixels.\n\n" + markdown(
+                        ["model", "seed", "seen", "novel", "all", "s/image, batch 1", "s/image, batch 16",
+                         "plateau step", "CPU-minutes"], rows))
+
+    rows, json_rows = [], []
+    for name, train in (("v3-s0", "linear"), ("v3-cosine-s0", "cosine")):
+        acc = state.get(name)
+        for label, inference in (("linear inference", "linear"), ("T=16", "cosine")):
+            if acc is None or label not in acc["rows"]:
+                rows.append([train, inference, "not finished", "", ""])
+                continue
+            r = acc["rows"][label]
+            rows.append([train, inference, cell(r, "seen"), cell(r, "novel"), cell(r, "all")])
+            json_rows.append({"train": train, "inference": inference, **r})
+    tables["schedules"] = json_rows
+    sections.append("## Section 4.7: linear and cosine masking\n\n#3, seed 0, T = 16.\n\n" +
+                    markdown(["training", "inference", "seen", "novel", "all"], rows))
+
+    rows, json_rows = [], []
+    for name in ("v3-s0", "v1-s0"):
+        acc, lat = state.get(name), per_image.get(name, {})
+        for t in T6_ROUNDS:
+            label = f"T={t}"
+            if acc is None or label not in acc["rows"]:
+                rows.append([name[:2].replace("v", "#"), t, "not finished", "", "", ""])
+                continue
+            r = acc["rows"][label]
+            b1 = lat.get(f"b1_T{t}")
+            rows.append([f"#{name[1]}", t, cell(r, "seen"), cell(r, "novel"), cell(r, "all"),
+                         f"{b1:.4f}" if b1 else "not measured"])
+            json_rows.append({"model": f"#{name[1]}", "T": t, **r, "latency_b1_s": b1})
+    tables["table6"] = json_rows
+    sections.append("## Table 6: rounds T\n\nThe plateau models of Table 3, seed 0.\n\n" +
+                    markdown(["model", "T", "seen", "novel", "all", "s/image, batch 1"], rows))
+    tables["table5"] = {"status": "not run", "why": TABLE5_PENDING}
+    sections.append(f"## Table 5: the text tower\n\nNot run yet: {TABLE5_PENDING}.")
+
+    ran = [[m.name, "; ".join(run_cost(s.runs / m.name)["ran"]) or "not started"] for m in models]
+    sections.append("## When each part ran\n\n" + markdown(["run", "training segments"], ran) +
+                    (f"\n\nLatency measured {latency['measured']} ({latency['repeats']} repeats, medians, "
+                     f"interleaved, nothing else running)." if latency else ""))
+    s.out.mkdir(parents=True, exist_ok=True)
+    for name, value in tables.items():
+        write_json(s.out / f"{name}.json", value)
+    draw_curves(s, models)
+    text = ("# The paper's experiments at their plateau\n\nWritten by `python benchmarks/paper_experiments.py all`; "
+            "see docs/results.md for the reading of these numbers.\n\n" + "\n\n".join(sections) +
+            "\n\n![accuracy against step](curves_step.png)\n\n![accuracy against training FLOPs](curves_flops.png)\n")
+    (s.out / "tables.md").write_text(text)
+    return text
 
 
-def table3(args) -> list[dict]:
-    rows = []
-    for variant in ("full", "1", "2", "3", "ar"):
-        checkpoint = train_run(args.runs / f"table3-v{variant}", variant, args.steps, common_training(args), args.threads)
-        steps = 1 if variant == "full" else args.eval_steps
-        result = evaluate(checkpoint, args, steps=steps)
-        rows.append({"model": {"full": "fully NAR", "ar": "autoregressive"}.get(variant, f"#{variant}"),
-                     "rounds": steps if variant != "ar" else "n (one per token)", **result})
-    return rows
+COLOURS = {"full": (128, 128, 128), "1": (31, 119, 180), "2": (44, 160, 44), "3": (214, 39, 40), "ar": (148, 103, 189)}
 
 
-def table6(args) -> list[dict]:
-    return [{"T": steps, **evaluate(args.checkpoint, args, steps=steps, guidance_scale=args.guidance)}
-            for steps in (1, 2, 4, 8, 16, 32)]
+def draw_curves(s: Settings, models=MODELS) -> None:
+    """Accuracy of the training evaluations against step and against training FLOPs (PIL line plots)."""
+    series_step, series_flops = {}, {}
+    for m in models:
+        curve = [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
+        acc = read_json(s.runs / m.name / "accuracy.json")
+        if not curve:
+            continue
+        dashed = m.seed > 0 or "cosine" in m.name
+        key = (f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''} seed {m.seed}", COLOURS[m.variant], dashed)
+        series_step[key] = curve
+        if acc:
+            series_flops[key] = [(x * acc["train_flops_per_step"], y) for x, y in curve]
+    line_plot(series_step, "training step", s.out / "curves_step.png")
+    line_plot(series_flops, "training FLOPs", s.out / "curves_flops.png")
 
 
-def schedules(args) -> list[dict]:
-    rows = []
-    for train_schedule in ("linear", "cosine"):
-        extra = common_training(args) + ["--set", f"train_schedule={train_schedule}"]
-        # Linear is the default schedule: the #3 run of Table 3 is the same command, so it is reused.
-        name = "table3-v3" if train_schedule == "linear" else f"schedule-{train_schedule}"
-        checkpoint = train_run(args.runs / name, "3", args.steps, extra, args.threads)
-        for inference in ("linear", "cosine"):
-            rows.append({"train": train_schedule, "inference": inference,
-                         **evaluate(checkpoint, args, steps=args.eval_steps, schedule=inference)})
-    return rows
+def line_plot(series: dict, xlabel: str, path: Path, size=(900, 560)) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 70, 20, size[0] - 250, size[1] - 60
+    draw.rectangle([left, top, right, bottom], outline="black")
+    xmax = max((x for curve in series.values() for x, _ in curve), default=1) or 1
+    ymax = max(0.05, max((y for curve in series.values() for _, y in curve), default=0.05)) * 1.05
+    to_px = lambda x, y: (left + (right - left) * x / xmax, bottom - (bottom - top) * y / ymax)  # noqa: E731
+    for i in range(6):
+        y = ymax * i / 5
+        draw.text((8, to_px(0, y)[1] - 6), f"{y:.2f}", fill="black")
+        draw.line([to_px(0, y), to_px(xmax, y)], fill=(230, 230, 230))
+        x = xmax * i / 5
+        draw.text((to_px(x, 0)[0] - 20, bottom + 6), f"{x:.3g}", fill="black")
+    draw.text(((left + right) // 2 - 40, bottom + 30), xlabel, fill="black")
+    draw.text((8, top - 16), "accuracy (all evaluation captions, temperature 0.7)", fill="black")
+    for k, ((label, colour, dashed), curve) in enumerate(series.items()):
+        points = [to_px(x, y) for x, y in curve]
+        for a, b in zip(points, points[1:]):
+            if not dashed or (points.index(a) % 2 == 0):
+                draw.line([a, b], fill=colour, width=2)
+        for p in points:
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+        draw.line([right + 15, top + 12 + 20 * k, right + 40, top + 12 + 20 * k], fill=colour, width=3 - dashed)
+        draw.text((right + 46, top + 5 + 20 * k), label, fill="black")
+    image.save(path)
 
 
-def guidance(args) -> list[dict]:
-    return [{"guidance": scale, **evaluate(args.checkpoint, args, steps=args.eval_steps, guidance_scale=scale)}
-            for scale in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)]
+# ----------------------------------------------------------------------------------------
+# The schedule: ETA, status, all
+# ----------------------------------------------------------------------------------------
 
 
-def temperature(args) -> list[dict]:
-    return [{"temperature": t, **evaluate(args.checkpoint, args, steps=args.eval_steps, temperature=t,
-                                          guidance_scale=args.guidance)}
-            for t in (1.0, 0.85, 0.7, 0.5, 0.3)]
+def expected_seconds(model: Model, s: Settings) -> float:
+    """Seconds left for one model: its remaining expected steps at its measured (or a typical) speed."""
+    run = s.runs / model.name
+    if trained(run) is not None:
+        return 0.0 if (run / "accuracy.json").is_file() else 120.0
+    finished = [trained(s.runs / m.name) for m in MODELS]
+    done = [x for x in finished if x]
+    expected = statistics.median(done) if done else 8000
+    records = metrics(run)
+    speeds = [r["steps_per_s"] for r in records if "steps_per_s" in r][-5:]
+    speed = statistics.mean(speeds) if speeds else (3.5 if model.variant in ("2", "3") else 4.5)
+    step = max([r["step"] for r in records], default=0)
+    return max(0.0, expected - step) / speed * 1.15 + 120.0  # evaluations, and the final one
 
 
-TABLES = {
-    "table3": (table3, ["model", "rounds", "seen", "novel", "all", "latency_s"]),
-    "table6": (table6, ["T", "seen", "novel", "all", "latency_s"]),
-    "schedules": (schedules, ["train", "inference", "seen", "novel", "all", "latency_s"]),
-    "guidance": (guidance, ["guidance", "seen", "novel", "all", "latency_s"]),
-    "temperature": (temperature, ["temperature", "seen", "novel", "all", "latency_s"]),
-}
+def eta(models, s: Settings) -> str:
+    seconds = sum(expected_seconds(m, s) for m in models) / max(1, s.jobs)
+    return f"{seconds / 60:.0f} min"
+
+
+def status(models, s: Settings) -> None:
+    for m in models:
+        run = s.runs / m.name
+        step = trained(run)
+        records = metrics(run)
+        last = max([r["step"] for r in records], default=0)
+        accuracy = [r["accuracy_all"] for r in records if "accuracy_all" in r]
+        state = ("evaluated" if (run / "accuracy.json").is_file() else "trained") if step else \
+            (f"at step {last}" if last else "not started")
+        print(f"{m.name:14s} {state:14s} best accuracy so far {max(accuracy, default=0):.3f}")
+    print(f"ETA {eta(models, s)} with --jobs {s.jobs}")
+
+
+def run_all(models, s: Settings) -> None:
+    print(f"[paper] {len(models)} models in {s.runs}; ETA {eta(models, s)} with --jobs {s.jobs}", flush=True)
+
+    def one(m: Model) -> None:
+        print(f"[paper] {now()} {m.name}: training", flush=True)
+        if train_model(m, s):
+            evaluate_model(m, s)
+        with s.lock:
+            report(s, models)
+            print(f"[paper] {now()} {m.name}: done; ETA for the rest {eta(models, s)}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+        list(pool.map(one, models))
+    finished = [m for m in models if (s.runs / m.name / "accuracy.json").is_file()]
+    names = sorted(m.name for m in finished)
+    old = read_json(s.out / "latency.json", {}) or {}
+    if finished and sorted(old.get("seconds_per_image", {})) != names:
+        print(f"[paper] {now()} latency of {len(finished)} models, interleaved", flush=True)
+        write_json(s.out / "latency.json", measure_latency(finished, s))
+    print(report(s, models))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("table", choices=tuple(TABLES), help="which experiment")
-    parser.add_argument("--checkpoint", type=Path, default=sample.DEMO_CHECKPOINT,
-                        help="the #3 model evaluated by table6 and guidance")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper", help="where training runs are kept")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of every model of a table")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch of every model of a table")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every model (default: train.py's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="EmageConfig override passed to train.py for every model")
-    parser.add_argument("--train-args", default="",
-                        help="further train.py flags for every model, in one quoted string (data, tokenizer, cache)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="token sampling temperature at evaluation (the temperature table sweeps it)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale of Table 6 and the temperature table")
-    parser.add_argument("--candidates", type=int, default=1,
-                        help="candidates per image, the best kept by the self-score (sample.py draws 8)")
-    parser.add_argument("--eval-steps", type=int, default=16, help="rounds T when evaluating iterative models")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per evaluation caption")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for training")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("command", choices=("all", "status", "report", "evaluate-one"))
+    parser.add_argument("name", nargs="?", help="evaluate-one: the model's name (used by `all`)")
+    parser.add_argument("--runs", type=Path, default=None, help=f"where the training runs live (default {RUNS})")
+    parser.add_argument("--out", type=Path, default=None, help=f"where the tables and curves go (default {OUT})")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--jobs", type=int, default=2, help="models trained side by side (one thread each on a CPU)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only these models (repeatable): " + ", ".join(m.name for m in MODELS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps of four models on 96 examples and 8 captions: checks the machinery, not the paper")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run, columns = TABLES[args.table]
-    command = "python benchmarks/paper_experiments.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report(args.table, run(args), columns, command.strip())
+    if not 1 <= args.jobs <= 64:
+        parser.error("--jobs must be between 1 and 64")
+    runs = args.runs or (RUNS.with_name("paper-smoke") if args.smoke else RUNS)
+    out = args.out or (runs / "docs" if args.smoke else OUT)
+    s = Settings(runs=runs.resolve(), out=out.resolve(), device=args.device, smoke=args.smoke, jobs=args.jobs)
+    models = [m for m in MODELS if not args.smoke or m.name in SMOKE_MODELS]
+    unknown = set(args.only) - {m.name for m in models}
+    if unknown:
+        parser.error(f"unknown --only {sorted(unknown)}; choose from {[m.name for m in models]}")
+    models = [m for m in models if not args.only or m.name in args.only]
+    if args.smoke:
+        import shapes
+
+        s.seeds, s.latency_repeats, s.captions = 1, 2, shapes.eval_captions()[::30]
+    if args.command == "evaluate-one":
+        evaluate_one(next(m for m in MODELS if m.name == args.name), s)
+    elif args.command == "status":
+        status(models, s)
+    elif args.command == "report":
+        print(report(s, models))
+    else:
+        run_all(models, s)
     return 0
 
 

@@ -153,3 +153,31 @@ def test_the_shipped_demo_places_both_axes_by_the_caption():
     assert rows.keys() == {"all", "left / right", "above / below"}
     assert rows["left / right"]["prefers_true"] > 0.9 and rows["above / below"]["prefers_true"] > 0.9
     assert rows["left / right"]["gap"] > 10  # nats
+
+
+def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraining(tmp_path, capsys):
+    """`paper_experiments.py all --smoke`: four models a few steps each on 96 examples, to their
+    (trivial) plateau, then accuracy, latency, tables and curves; a second run redoes nothing."""
+    from benchmarks import paper_experiments
+
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    argv = ["all", "--smoke", "--jobs", "2", "--runs", str(runs), "--out", str(out)]
+    assert paper_experiments.main(argv) == 0
+    table3 = json.loads((out / "table3.json").read_text())
+    assert [row["model"] for row in table3] == ["fully NAR", "#1", "#3", "autoregressive"]
+    for row in table3:
+        assert row["all"]["count"] == 8 and 0 <= row["all"]["accuracy"] <= 1
+        assert row["latency_b1_s"] > 0 and row["latency_b16_s"] > 0 and row["cpu_s"] > 0
+        assert row["plateau_step"] in (2, 4, 6) and row["train_flops_per_step"] > 0
+    assert [(r["model"], r["T"]) for r in json.loads((out / "table6.json").read_text())] == \
+        [(m, t) for m in ("#3", "#1") for t in (1, 2, 4, 8, 16, 32)]
+    assert [(r["train"], r["inference"]) for r in json.loads((out / "schedules.json").read_text())] == \
+        [("linear", "linear"), ("linear", "cosine")]  # the cosine-trained model is not in the smoke set
+    for name in ("curves_step.png", "curves_flops.png"):
+        assert (out / name).stat().st_size > 1000
+    segments = {m: json.loads((runs / m / "segments.json").read_text()) for m in paper_experiments.SMOKE_MODELS}
+    capsys.readouterr()
+    assert paper_experiments.main(argv) == 0  # everything is there: nothing is trained again
+    assert {m: json.loads((runs / m / "segments.json").read_text()) for m in segments} == segments
+    assert paper_experiments.main(["status", "--smoke", "--runs", str(runs)]) == 0
+    assert capsys.readouterr().out.count("evaluated") == 4

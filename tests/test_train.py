@@ -72,6 +72,41 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
     assert train.lr_at(1000, total, base) == 0.0
 
 
+def test_a_constant_schedule_keeps_the_peak_after_the_same_warm_up():
+    total, base = 1000, 1e-3
+    assert train.lr_at(0, total, base, schedule="constant") == train.lr_at(0, total, base)
+    assert [train.lr_at(s, total, base, schedule="constant") for s in (20, 500, 999, 5000)] == [base] * 4
+
+
+@pytest.mark.parametrize("history, min_steps, expected", [
+    ([(500, 0.1), (1000, 0.2), (1500, 0.3), (2000, 0.31)], 0, True),  # the last quarter is step 2000 alone
+    ([(500, 0.1), (1000, 0.2), (1500, 0.3), (2000, 0.4)], 0, False),  # 0.4 beats 0.3 by more than its 0.030 SE
+    ([(s, 0.30) for s in range(500, 4001, 500)], 0, True),  # flat
+    ([(s, 0.30) for s in range(500, 4001, 500)], 4500, False),  # flat, but before the fewest steps
+    ([(s, 0.30) for s in range(500, 3501, 500)] + [(4000, 0.32)], 0, True),  # within one SE (0.0296 on 240)
+    ([(s, 0.30) for s in range(500, 3501, 500)] + [(4000, 0.34)], 0, False),
+    ([(s, 0.0) for s in range(500, 3501, 500)] + [(4000, 1 / 240)], 0, True),  # p = 0: the SE floor is 1/count
+    ([(s, 0.0) for s in range(500, 3501, 500)] + [(4000, 2 / 240)], 0, False),
+    ([], 0, False),
+])
+def test_the_plateau_rule(history, min_steps, expected):
+    assert train.plateaued(history, 240, min_steps) is expected
+
+
+def test_until_plateau_stops_at_the_plateau_and_says_so_in_the_metrics(shards, tmp_path, capsys):
+    out = tmp_path / "run"  # an untrained tiny model scores 0 on every evaluation: flat from the start
+    assert run(shards, out, "--eval-every", "2", "--eval-captions", "4", "--until-plateau", "4",
+               "--lr-schedule", "constant", "--eval-temperature", "0.7", steps=40, variant="1") == 0
+    records = metrics(out)
+    assert [r["step"] for r in records if "accuracy_all" in r] == [2, 4]
+    assert records[-1] == {"step": 4, "plateau": True}
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+    captured = capsys.readouterr()
+    assert "plateaued" in captured.err + captured.out
+    assert run(shards, tmp_path / "other", "--until-plateau", "-1") == 1
+    assert "--until-plateau" in capsys.readouterr().err
+
+
 def test_weight_decay_skips_biases_and_norms():
     model = emage.Emage(emage.EmageConfig.shapes())
     decay, no_decay = train.param_groups(model, 0.1)
