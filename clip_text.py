@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ftfy
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import FileError, atomic_write, check_output, write_json
+from files import FileError, atomic_write, check_output, read_json, write_json
 
 
 class ClipTextError(ValueError):
@@ -495,6 +495,22 @@ def read_tensors(path: Path, trust_torchscript: bool) -> dict[str, torch.Tensor]
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _native_config(fields, state: dict[str, torch.Tensor], config_path: Path) -> TextConfig:
+    """A native config.json's TextConfig, accepted only where it agrees with the weights' shapes
+    (so that no size the file claims is allocated before the weights vouch for it)."""
+    try:
+        config = TextConfig(**fields)
+        expected = replace(_config_from_shapes(state, config.heads), causal=config.causal)
+        if not (isinstance(config.heads, int) and 0 < config.heads and config.width % config.heads == 0
+                and isinstance(config.causal, bool)):
+            raise ValueError
+    except (TypeError, KeyError, ValueError, IndexError, ClipTextError):
+        raise ClipTextError(f"{config_path} does not describe the text tower beside it; convert the checkpoint again") from None
+    if config != expected:
+        raise ClipTextError(f"{config_path} says {config} but the weights have {expected}; convert the checkpoint again")
+    return config
+
+
 def _config_from_shapes(weights: dict[str, torch.Tensor], heads: int | None) -> TextConfig:
     """Rebuild the TextConfig from tensor shapes (in native/OpenAI key names), as CLIP's `build_model` does."""
     vocab_size, width = weights["token_embedding.weight"].shape
@@ -625,9 +641,9 @@ def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) 
     state = read_tensors(weights_path, trust_torchscript)
     native_config = None
     if config_path is not None:
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") == NATIVE_FORMAT:
-            native_config = TextConfig(**meta["config"])
+        meta = read_json(config_path)  # bounded: a config.json handed in may be hostile
+        if isinstance(meta, dict) and meta.get("format") == NATIVE_FORMAT:
+            native_config = _native_config(meta.get("config"), state, config_path)
     if native_config is not None:
         return _build(state, native_config, path).eval()
     if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in state):

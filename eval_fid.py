@@ -33,6 +33,7 @@ import inspect
 import json
 import random
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -149,15 +150,28 @@ def save_stats(path, mu, sigma, n: int, sha256: str = "") -> None:
     files.atomic_write(path, write)
 
 
+MAX_STATS_BYTES = 64 << 20  # sigma of 2,048 Inception features in float64 is 32 MiB
+
+
 def load_stats(path) -> dict:
     """{'mu', 'sigma', 'n', 'inception_sha256'} from a .npz cache (pytorch-fid's mu/sigma files work too)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with data:
+            members = data.zip.infolist()  # sizes from the zip directory, before anything is inflated
+            if len(members) > 16 or any(m.file_size > MAX_STATS_BYTES for m in members):
+                raise ValueError(f"more than 16 arrays, or one over {MAX_STATS_BYTES >> 20} MiB unpacked")
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise FIDError(f"cannot read statistics from {path}: {error}") from None
     if "mu" not in arrays or "sigma" not in arrays:
         raise FIDError(f"{path} has no 'mu' and 'sigma' arrays: write it with `python eval_fid.py stats`")
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (mu.dtype.kind in "fi" and sigma.dtype.kind in "fi"):
+        raise FIDError(f"{path}: mu must be a vector of d numbers and sigma d x d, got shapes {mu.shape} and "
+                       f"{sigma.shape}; write it with `python eval_fid.py stats`")
     return {"mu": arrays["mu"].astype(np.float64), "sigma": arrays["sigma"].astype(np.float64),
             "n": int(arrays["n"]) if "n" in arrays else None,
             "inception_sha256": str(arrays.get("inception_sha256", ""))}

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from files import FileError, open_image, png_text, read_json
+from files import FileError, atomic_write, check_output, open_image, png_text, read_json
 
 IMAGE_SIZE = 64
 COLORS = {  # exact RGB used when rendering (SHAPES.md, Palette)
@@ -521,6 +521,7 @@ def format_report(report: dict) -> str:
 
 
 def cmd_grid(args) -> None:
+    check_output(args.out, args.overwrite)
     rng = random.Random(args.seed)
     cell, label_h, cols = 64 * args.scale, 40, args.cols
     rows = math.ceil(args.n / cols)
@@ -533,8 +534,7 @@ def cmd_grid(args) -> None:
         x, y = (i % cols) * cell, (i // cols) * (cell + label_h)
         sheet.paste(image, (x, y))
         draw.multiline_text((x + 3, y + cell + 2), _wrap(caption, 30), fill="black", font=font)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out)
+    atomic_write(args.out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"wrote {args.out} ({args.n} captions, split {args.split})")
 
 
@@ -574,6 +574,7 @@ def main(argv=None) -> int:
     grid = sub.add_parser("grid", help="a labelled grid of random renders",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     grid.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG to write")
+    grid.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     grid.add_argument("--n", type=int, default=16, help="number of captions")
     grid.add_argument("--cols", type=int, default=4, help="images per row")
     grid.add_argument("--scale", type=int, default=3, help="pixel upscaling for viewing")

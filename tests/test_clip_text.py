@@ -311,8 +311,19 @@ def test_native_shape_mismatch_is_a_clear_error(tmp_path):
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["config"]["embed_dim"] = 16
     (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(clip_text.ClipTextError, match="text_projection has shape"):
+    with pytest.raises(clip_text.ClipTextError, match="embed_dim=16.*the weights have"):
         clip_text.load_clip_text(tmp_path)
+    for field, value in (("width", 2**30), ("layers", 10**6), ("heads", 0), ("causal", "yes"), ("nonsense", 1)):
+        meta["config"] = {**asdict_tiny(), field: value}  # claimed sizes are never allocated
+        (tmp_path / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(clip_text.ClipTextError, match="convert the checkpoint again"):
+            clip_text.load_clip_text(tmp_path)
+
+
+def asdict_tiny() -> dict:
+    from dataclasses import asdict
+
+    return asdict(TINY)
 
 
 class _OpenAIStyleArchive(clip_text.TextEncoder):

@@ -667,3 +667,17 @@ def test_images_are_read_bounded_and_cropped_as_before(tmp_path):
     expected = np.array(Image.fromarray(rgb[:, 10:40]).resize((16, 16), Image.BICUBIC))
     assert np.array_equal(eval_fid.center_crop_resize(rgb, 16), expected)
     assert np.array_equal(eval_fid.center_crop_resize(rgb[:, 10:40], 30), rgb[:, 10:40])  # the right size: unchanged
+
+
+def test_hostile_statistics_files_are_one_line_errors(tmp_path):
+    import zipfile
+
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as archive:  # 80 MiB of zeros, 80 KB packed
+        archive.writestr("mu.npy", b"\0" * (80 << 20))
+    np.savez(tmp_path / "mismatch.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))
+    for name, says in (("plain.npy", "not an .npz"), ("bomb.npz", "MiB unpacked"), ("mismatch.npz", "d x d")):
+        with pytest.raises(eval_fid.FIDError, match=says):
+            eval_fid.load_stats(tmp_path / name)
+    np.savez(tmp_path / "good.npz", mu=np.ones(3), sigma=np.eye(3), n=5)
+    assert eval_fid.load_stats(tmp_path / "good.npz")["n"] == 5

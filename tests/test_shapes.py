@@ -269,3 +269,14 @@ def test_score_reads_user_files_bounded_and_fails_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "huge.png" in err and err.count("\n") == 1
     shapes.render("a red circle", 0).save(tmp_path / "ok.png")
     assert shapes.score(tmp_path / "ok.png", "a red circle") and not shapes.score(tmp_path / "ok.png", "a blue circle")
+
+
+def test_grid_writes_a_new_file_and_replaces_one_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert shapes.main(["grid", "--out", str(out), "--n", "2"]) in (0, None)
+    first = out.read_bytes()
+    out.write_bytes(b"the user's own picture")
+    assert shapes.main(["grid", "--out", str(out), "--n", "2"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"the user's own picture"
+    assert shapes.main(["grid", "--out", str(out), "--n", "2", "--overwrite"]) in (0, None)
+    assert out.read_bytes() == first
