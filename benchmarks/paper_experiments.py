@@ -383,18 +383,21 @@ COLOURS = {"full": (128, 128, 128), "1": (31, 119, 180), "2": (44, 160, 44), "3"
 
 
 def draw_curves(s: Settings, models=MODELS) -> None:
-    """Accuracy of the training evaluations against step and against training FLOPs (PIL line plots)."""
-    series_step, series_flops = {}, {}
+    """Accuracy of the training evaluations against step and against training FLOPs: curves.json
+    and two PIL line plots."""
+    series_step, series_flops, data = {}, {}, {}
     for m in models:
         curve = [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
-        acc = read_json(s.runs / m.name / "accuracy.json")
         if not curve:
             continue
-        dashed = m.seed > 0 or "cosine" in m.name
-        key = (f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''} seed {m.seed}", COLOURS[m.variant], dashed)
+        flops = (read_json(s.runs / m.name / "accuracy.json") or {}).get("train_flops_per_step")
+        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''} seed {m.seed}"
+        key = (label, COLOURS[m.variant], m.seed > 0 or "cosine" in m.name)  # dashed: second seeds, cosine
         series_step[key] = curve
-        if acc:
-            series_flops[key] = [(x * acc["train_flops_per_step"], y) for x, y in curve]
+        if flops:
+            series_flops[key] = [(x * flops, y) for x, y in curve]
+        data[label] = {"step_accuracy": curve, "train_flops_per_step": flops}
+    write_json(s.out / "curves.json", data)
     line_plot(series_step, "training step", s.out / "curves_step.png")
     line_plot(series_flops, "training FLOPs", s.out / "curves_flops.png")
 
