@@ -236,6 +236,17 @@ class WordPiece:
         return (tokens != self.pad_id).long()
 
 
+def is_bert_folder(path: str | os.PathLike) -> bool:
+    """A folder whose config.json names model_type "bert" (what --text-init reads as Table 5's BERT)."""
+    config = Path(path) / CONFIG_FILE_NAME
+    if not config.is_file() or config.stat().st_size > 1 << 20:
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "bert"
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return False
+
+
 def load_wordpiece(path: str | os.PathLike) -> WordPiece:
     """The tokenizer of a BERT folder (its vocab.txt), or of a vocab.txt given directly."""
     path = Path(path)
@@ -262,6 +273,16 @@ class BertConfig:
     type_vocab_size: int = 2  # segment embeddings (sentence A / B); only segment 0 is used here
     layer_norm_eps: float = 1e-12  # epsilon of every LayerNorm
     hidden_act: str = "gelu"  # the feed-forward activation: exact GELU, 0.5 x (1 + erf(x / sqrt 2)); the only one built
+    pad_token_id: int = 0  # [PAD]: positions holding it are not attended to
+    # Beyond Hugging Face's config (its tokenizer knows them); Emage keeps them in its checkpoint:
+    cls_token_id: int = 101  # [CLS] and [SEP] of bert-base-uncased's vocab.txt; the empty caption is [CLS] [SEP]
+    sep_token_id: int = 102
+    context_length: int = 77  # caption positions Emage tokenizes to (at most max_position_embeddings)
+
+    @property
+    def width(self) -> int:
+        """hidden_size, under the name Emage's cross-attention reads (clip_text.TextConfig.width)."""
+        return self.hidden_size
 
     @classmethod
     def from_hf(cls, config: dict) -> "BertConfig":
@@ -357,6 +378,19 @@ class BertEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)  # (B, L, D)
         return x
+
+    # The two questions Emage asks of its text tower (clip_text.TextEncoder answers them too):
+
+    def states_and_mask(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states[B, L, D], valid[B, L] bool: False on padding)."""
+        valid = tokens != self.config.pad_token_id  # (B, L)
+        return self(tokens, valid), valid
+
+    def empty_caption(self, batch: int, length: int, device=None) -> torch.Tensor:
+        """The empty caption: [CLS] [SEP], then padding."""
+        tokens = torch.full((batch, length), self.config.pad_token_id, dtype=torch.long, device=device)
+        tokens[:, 0], tokens[:, 1] = self.config.cls_token_id, self.config.sep_token_id
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------

@@ -438,6 +438,19 @@ class TextEncoder(nn.Module):
         pooled = states[torch.arange(B, device=tokens.device), end] @ self.text_projection  # (B, P)
         return states, pooled
 
+    # The two questions Emage asks of its text tower (bert_text.BertEncoder answers them too):
+
+    def states_and_mask(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states[B, L, D], valid[B, L] bool: True up to and including the end token)."""
+        valid = torch.arange(tokens.shape[1], device=tokens.device) <= tokens.argmax(-1, keepdim=True)  # (B, L)
+        return self(tokens)[0], valid
+
+    def empty_caption(self, batch: int, length: int, device=None) -> torch.Tensor:
+        """The empty caption [sot, eot, 0, ...]: CLIP's start and end ids are the two largest."""
+        tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+        tokens[:, 0], tokens[:, 1] = self.config.vocab_size - 2, self.config.vocab_size - 1
+        return tokens
+
 # ----------------------------------------------------------------------------------------
 # Checkpoints: native, OpenAI, Hugging Face
 # ----------------------------------------------------------------------------------------

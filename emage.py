@@ -52,7 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_text import TextConfig, TextEncoder
+from bert_text import VOCAB_FILE_NAME, BertConfig, BertEncoder, WordPiece
+from clip_text import TextConfig, TextEncoder, Tokenizer
 from files import (FileError, atomic_write, check_bool, check_choice, check_float, check_int, is_whole, meta_device,
                    read_json, safetensors_header, shown, write_json)
 
@@ -92,7 +93,7 @@ def parse_algorithm(value) -> str | int:
 
 @dataclass
 class EmageConfig:
-    text: TextConfig = field(default_factory=lambda: replace(SMALL_TEXT))  # the CLIP text encoder (X -> states)
+    text: TextConfig | BertConfig = field(default_factory=lambda: replace(SMALL_TEXT))  # the text encoder (X -> states): CLIP, or BERT (Table 5)
     codebook_size: int = 512  # VQGAN codes K; the [mask] id is K (one extra input embedding)
     grid: tuple[int, int] = (8, 8)  # image token grid (h, w); n = h * w tokens (paper: 32 x 32 = 1024)
     width: int = 256  # decoder hidden size (paper: 768)
@@ -150,6 +151,8 @@ class EmageConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        if isinstance(self.text, BertConfig):
+            d["text"]["kind"] = "bert"  # Table 5's BERT tower; CLIP's needs no tag (older checkpoints have none)
         return d
 
     @classmethod
@@ -168,15 +171,16 @@ class EmageConfig:
         text = d["text"]
         if not isinstance(text, dict):
             raise EmageError(f"config.json's text is not an object of fields, got {shown(text)}")
-        text_known = {f.name for f in fields(TextConfig)}
-        unknown = sorted(set(text) - text_known)
+        text_class = BertConfig if text.get("kind") == "bert" else TextConfig
+        text = {k: v for k, v in text.items() if k != "kind"}
+        unknown = sorted(set(text) - {f.name for f in fields(text_class)})
         if unknown:
             raise EmageError(f"config.json does not describe an EmageConfig (unknown text fields {shown(unknown, 80)}); "
                              "was it written by save_checkpoint?")
         grid = d["grid"]
         if not isinstance(grid, (list, tuple)) or len(grid) != 2:
             raise EmageError(f"grid must be two whole numbers [rows, columns], got {shown(grid)}")
-        config = cls(**{**d, "text": TextConfig(**text), "grid": tuple(grid)})
+        config = cls(**{**d, "text": text_class(**text), "grid": tuple(grid)})
         _check_config(config)
         return config
 
@@ -198,8 +202,13 @@ MAX_PARAMETERS = 2**32  # ~4.3 billion (17 GB of fp32 weights); the paper's mode
 def _parameter_count(c: EmageConfig) -> int:
     """Parameters of Emage(c) without building it (the paper's model: 250.5M), for _check_config."""
     t, w, K = c.text, c.width, c.codebook_size
-    text = t.vocab_size * t.width + t.context_length * t.width + 2 * t.width + t.width * t.embed_dim \
-        + t.layers * (12 * t.width**2 + 13 * t.width)
+    if isinstance(t, BertConfig):
+        D, inner = t.hidden_size, t.intermediate_size
+        text = (t.vocab_size + t.max_position_embeddings + t.type_vocab_size + 2) * D \
+            + t.num_hidden_layers * (4 * D * D + 4 * D + 2 * D * inner + inner + D + 4 * D)
+    else:
+        text = t.vocab_size * t.width + t.context_length * t.width + 2 * t.width + t.width * t.embed_dim \
+            + t.layers * (12 * t.width**2 + 13 * t.width)
     hidden = int(c.mlp_ratio * w)
     block = 6 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * w + w) + (2 * w * t.width + 2 * w) + (w * w + w) \
         + (w * hidden + hidden) + (hidden * w + w)
@@ -229,8 +238,20 @@ def _check_config(c: EmageConfig) -> None:
     check_bool("pass1_keep_seen", c.pass1_keep_seen, E)
     check_float("caption_dropout", c.caption_dropout, 0.0, 1.0, E, high_open=True)
     t = c.text
-    if not isinstance(t, TextConfig):
-        raise E(f"text must be a TextConfig, got {shown(t)}")
+    if isinstance(t, BertConfig):
+        _check_bert(t)
+    elif not isinstance(t, TextConfig):
+        raise E(f"text must be a TextConfig or a BertConfig, got {shown(t)}")
+    else:
+        _check_clip(t)
+    count = _parameter_count(c)
+    if count > MAX_PARAMETERS:
+        raise E(f"this config describes a model of {count:,} parameters, over the limit of {MAX_PARAMETERS:,}; "
+                "check its width, layers, grid and codebook_size")
+
+
+def _check_clip(t: TextConfig) -> None:
+    E = EmageError
     check_int("text.vocab_size", t.vocab_size, 2, MAX_VOCAB, E)
     check_int("text.context_length", t.context_length, 2, MAX_CONTEXT, E)
     check_int("text.width", t.width, 1, MAX_WIDTH, E)
@@ -240,10 +261,24 @@ def _check_config(c: EmageConfig) -> None:
     check_int("text.layers", t.layers, 1, MAX_LAYERS, E)
     check_int("text.embed_dim", t.embed_dim, 1, MAX_WIDTH, E)
     check_bool("text.causal", t.causal, E)
-    count = _parameter_count(c)
-    if count > MAX_PARAMETERS:
-        raise E(f"this config describes a model of {count:,} parameters, over the limit of {MAX_PARAMETERS:,}; "
-                "check its width, layers, grid and codebook_size")
+
+
+def _check_bert(t: BertConfig) -> None:
+    E = EmageError
+    check_int("text.vocab_size", t.vocab_size, 2, MAX_VOCAB, E)
+    check_int("text.hidden_size", t.hidden_size, 1, MAX_WIDTH, E)
+    check_int("text.num_attention_heads", t.num_attention_heads, 1, MAX_WIDTH, E)
+    if t.hidden_size % t.num_attention_heads:
+        raise E(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
+    check_int("text.num_hidden_layers", t.num_hidden_layers, 1, MAX_LAYERS, E)
+    check_int("text.intermediate_size", t.intermediate_size, 1, 4 * MAX_WIDTH, E)
+    check_int("text.max_position_embeddings", t.max_position_embeddings, 2, MAX_CONTEXT, E)
+    check_int("text.context_length", t.context_length, 2, t.max_position_embeddings, E)
+    check_int("text.type_vocab_size", t.type_vocab_size, 1, 16, E)
+    check_float("text.layer_norm_eps", t.layer_norm_eps, 0.0, 1.0, E, low_open=True)
+    check_choice("text.hidden_act", t.hidden_act, ("gelu",), E)
+    for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
+        check_int(f"text.{name}", getattr(t, name), 0, t.vocab_size - 1, E)
 
 
 # ----------------------------------------------------------------------------------------
@@ -468,7 +503,7 @@ class Emage(nn.Module):
         self.variant = None if variant is None else parse_variant(variant)
         self.beyond = beyond
         c = config
-        self.text_encoder = TextEncoder(c.text)
+        self.text_encoder = BertEncoder(c.text) if isinstance(c.text, BertConfig) else TextEncoder(c.text)
         embedding = beyond.embedding(c) if beyond is not None else None
         self.tok_emb = embedding if embedding is not None else nn.Embedding(c.codebook_size + 1, c.width)  # codes + [mask]
         self.pos_emb = nn.Parameter(torch.zeros(c.n, c.width))  # learned positions
@@ -482,7 +517,7 @@ class Emage(nn.Module):
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
         for name, p in self.named_parameters():
             if name.startswith("text_encoder."):
-                continue  # CLIP's own initialisation, or its pretrained weights
+                continue  # the tower's own initialisation (CLIP's or BERT's), or its pretrained weights
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
@@ -492,11 +527,8 @@ class Emage(nn.Module):
     # -- text -------------------------------------------------------------------------------
 
     def empty_caption(self, batch: int, length: int, device=None) -> torch.Tensor:
-        """The empty caption [sot, eot, 0, ...]: CLIP's start and end ids are the two largest."""
-        tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
-        tokens[:, 0] = self.config.text.vocab_size - 2
-        tokens[:, 1] = self.config.text.vocab_size - 1
-        return tokens
+        """The empty caption: CLIP's [sot, eot, 0, ...], or BERT's [CLS] [SEP] [PAD] ..."""
+        return self.text_encoder.empty_caption(batch, length, device)
 
     def encode_text(self, text_tokens: torch.Tensor):
         """Run the text encoder once and compute every decoder layer's cross-attention keys/values.
@@ -506,9 +538,7 @@ class Emage(nn.Module):
         """
         if text_tokens.dim() != 2:
             raise EmageError(f"text tokens must be [batch, length], got shape {tuple(text_tokens.shape)}")
-        states, _ = self.text_encoder(text_tokens)  # (B, L, Dt)
-        L = text_tokens.shape[1]
-        valid = torch.arange(L, device=text_tokens.device) <= text_tokens.argmax(-1, keepdim=True)  # (B, L)
+        states, valid = self.text_encoder.states_and_mask(text_tokens)  # (B, L, Dt), (B, L)
         text_kv = torch.stack([b.cross.keys_values(states) for b in self.blocks], 1)  # (B, layers, 2, h, L, hd)
         return text_kv, valid[:, None, None, :]
 
@@ -776,6 +806,12 @@ class Emage(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Checkpoints: a directory with config.json + model.safetensors
 # ----------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path):
+    """The caption tokenizer a checkpoint keeps beside it: BERT's WordPiece for a vocab.txt
+    (Table 5's BERT tower), else CLIP's BPE."""
+    return WordPiece(path) if Path(path).name == VOCAB_FILE_NAME else Tokenizer(path)
 
 
 def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path, vqgan_dir, extra: dict | None = None) -> Path:

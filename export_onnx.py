@@ -651,6 +651,9 @@ def export(model: emage.Emage, vqgan_model, out_dir, *, tokenizer_path, variant=
            overwrite: bool = False) -> dict:
     """Export the four graphs to out_dir, check them against PyTorch, copy the tokenizer
     vocabulary and write config.json (in a fresh folder, moved to out_dir once it passed)."""
+    if isinstance(model.config.text, emage.BertConfig):
+        raise ExportError("this generator reads captions with a BERT tower (Table 5's experiment); only CLIP "
+                          "text towers are exported, so sample it with PyTorch")
     if vqgan_model.config.n_embed != model.config.codebook_size:
         raise ExportError(f"the VQGAN has {vqgan_model.config.n_embed} codes but the generator "
                           f"{model.config.codebook_size}; the checkpoint points at the wrong VQGAN")

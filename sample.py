@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+import bert_text
 import clip_text
 import emage
 import extensions
@@ -73,7 +74,7 @@ class Pipeline:
 
     model: emage.Emage  # or export_onnx.OnnxEmage (same generate)
     vqgan: vqgan.VQGAN  # or export_onnx.OnnxVQGAN (decode only)
-    tokenizer: clip_text.Tokenizer
+    tokenizer: object  # clip_text.Tokenizer, or bert_text.WordPiece for a BERT tower
     info: dict
     checkpoint: Path
     device: torch.device
@@ -88,7 +89,7 @@ class Pipeline:
                               "(a folder with config.json and model.safetensors written by train.py)")
         device = torch.device(device)
         model, info = extensions.load_checkpoint(checkpoint, map_location=device)
-        tokenizer = clip_text.Tokenizer(info["tokenizer_path"])
+        tokenizer = emage.load_tokenizer(info["tokenizer_path"])
         if vqgan_dir is None and not Path(info["vqgan_dir"]).is_dir():
             raise SampleError(f"{checkpoint} names its VQGAN as {info['vqgan_relative']!r} relative to itself, and "
                               f"{info['vqgan_dir']} does not exist (was the checkpoint moved?); pass --vqgan DIR")
@@ -516,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    user_errors = (SampleError, FileError, emage.EmageError, clip_text.ClipTextError, vqgan.VQGANError, OSError)
+    user_errors = (SampleError, FileError, emage.EmageError, clip_text.ClipTextError, bert_text.BertError, vqgan.VQGANError,
+                   OSError)
     if args.backend == "onnx":
         import export_onnx  # only this backend needs onnxruntime
 

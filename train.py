@@ -38,7 +38,7 @@ import sys
 import time
 import tomllib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import bert_text
 import data
 import emage
 import extensions
@@ -170,12 +171,22 @@ def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
     config.codebook_size, config.grid = shards.codebook_size, tuple(shards.grid)  # the VQGAN of the data decides
     beyond = extensions.Beyond(colours=vqgan_colours(vqgan_dir) if vqgan_dir is not None else 0)
     text_encoder = None
-    if args.text_init:
+    if args.text_init and bert_text.is_bert_folder(args.text_init):  # Table 5: a BERT tower
+        text_encoder = bert_text.load_bert(args.text_init)
+        if tokenizer.vocab_size > text_encoder.config.vocab_size:
+            raise TrainError(f"{tokenizer.path} has {tokenizer.vocab_size} ids but the BERT tower "
+                             f"{text_encoder.config.vocab_size} embeddings; use the vocab.txt of that BERT folder")
+        text_encoder.config = replace(text_encoder.config, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
+                                      sep_token_id=tokenizer.sep_id,
+                                      context_length=min(77, text_encoder.config.max_position_embeddings))
+        config.text = text_encoder.config
+    elif args.text_init:
         import clip_text  # only for pretrained text towers
 
         text_encoder = clip_text.load_clip_text(args.text_init, trust_torchscript=args.trust_torchscript)
         config.text = text_encoder.config
-    config.text.vocab_size = tokenizer.vocab_size
+    if not isinstance(config.text, bert_text.BertConfig):
+        config.text.vocab_size = tokenizer.vocab_size
     loaded = repr(config.text)
     apply_overrides(config, beyond, args.set)
     if text_encoder is not None and repr(config.text) != loaded:
@@ -190,7 +201,7 @@ def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
     return model
 
 
-def init_model(args) -> tuple[emage.Emage, Tokenizer]:
+def init_model(args) -> tuple[emage.Emage, Tokenizer | bert_text.WordPiece]:
     """--init CHECKPOINT: its weights, config (with --set applied on top) and vocabulary; the
     optimizer, schedule and step start afresh (fine-tuning, unlike --resume)."""
     source, info = extensions.load_checkpoint(args.init)
@@ -204,7 +215,7 @@ def init_model(args) -> tuple[emage.Emage, Tokenizer]:
     except RuntimeError:
         raise TrainError(f"--set changes the shape of {args.init}'s weights; with --init, set only training "
                          "fields (object_mask, caption_dropout, mirror_loss, ...)") from None
-    return model, Tokenizer(info["tokenizer_path"])
+    return model, emage.load_tokenizer(info["tokenizer_path"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,6 +246,10 @@ def caption_vocabulary(args) -> Path | None:
     """--bpe; else the vocabulary inside the folder given to --text-init (a Hugging Face CLIP
     folder's merges.txt, or bpe_simple_vocab_16e6.txt.gz); else the
     shapes vocabulary (--preset shapes) or CLIP's own file found by clip_text.find_bpe."""
+    if args.text_init and bert_text.is_bert_folder(args.text_init):  # Table 5: BERT reads its own WordPiece vocabulary
+        if args.bpe:
+            raise TrainError(f"--text-init {args.text_init} is a BERT folder, which reads its own vocab.txt; drop --bpe")
+        return Path(args.text_init) / bert_text.VOCAB_FILE_NAME
     if args.bpe:
         return Path(args.bpe)
     import clip_text
@@ -380,7 +395,7 @@ class Run:
     device: torch.device
     out: Path
     shards: data.TokenShards
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | bert_text.WordPiece
     tokenizer_path: Path
     vqgan_dir: Path
     model: emage.Emage
@@ -415,7 +430,7 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
     if vqgan_dir.is_dir():
         vqgan.check_folder(vqgan_dir)  # config.json and the weights' header, before any model is built
     check_vqgan(shards, vqgan_dir, data_dir)
-    tokenizer = None if args.resume else Tokenizer(caption_vocabulary(args))  # a resumed run reads its own
+    tokenizer = None if args.resume else emage.load_tokenizer(caption_vocabulary(args))  # a resumed run reads its own
 
     torch.manual_seed(args.seed)
     start_step, resume_dir, state = 0, None, None
@@ -426,7 +441,7 @@ def prepare(args, rank: int, world: int, device: torch.device) -> Run:
         if info["variant"] != args.variant:
             raise TrainError(f"{resume_dir} was trained as variant {info['variant']}, not --variant {args.variant}")
         start_step = info["step"]
-        tokenizer = Tokenizer(info["tokenizer_path"])  # the vocabulary the run started with (in its checkpoint)
+        tokenizer = emage.load_tokenizer(info["tokenizer_path"])  # the vocabulary the run started with (in its checkpoint)
         tokenizer_path = out / tokenizer.path.name  # a copy in the run folder outlives pruned checkpoints
         if rank == 0 and tokenizer.path.resolve() != tokenizer_path.resolve():
             shutil.copyfile(tokenizer.path, tokenizer_path)
@@ -869,7 +884,7 @@ def main(argv=None) -> int:
         if recipe is not None and recipe.lower() != "none":
             return run_recipe(Path(recipe), without_recipe(argv), parser)
         return train(args)
-    except (TrainError, data.DataError, emage.EmageError, vqgan.VQGANError, ClipTextError, OSError) as e:
+    except (TrainError, data.DataError, emage.EmageError, vqgan.VQGANError, ClipTextError, bert_text.BertError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was pending

@@ -440,3 +440,53 @@ def test_command_line(safetensors_folder, capsys, tmp_path):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------
+# Table 5: Emage with a BERT text tower (train.py --text-init BERT_FOLDER)
+# ----------------------------------------------------------------------------------------
+
+
+def test_emage_trains_and_samples_with_a_bert_tower(bert_model, safetensors_folder, tmp_path, capsys):
+    import data
+    import emage
+    import export_onnx
+    import sample
+    import train
+    import vqgan
+
+    torch.manual_seed(0)
+    config = vqgan.VQGANConfig(resolution=32, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                               z_channels=8, embed_dim=8, n_embed=32, quantizer="vector", norm_groups=4)
+    vqgan.save_vqgan(vqgan.VQGAN(config), tmp_path / "vqgan")
+    data.prepare(data.ShapesSource(32, seed=0), tmp_path / "vqgan", tmp_path / "tokens", shard_size=32, progress=False)
+    flags = ["--data", str(tmp_path / "tokens"), "--variant", "1", "--steps", "1", "--batch-size", "4",
+             "--lr", "1e-12", "--eval-every", "1000", "--set", "width=32", "--set", "layers=1", "--set", "heads=2"]
+    assert train.main([*flags, "--text-init", str(safetensors_folder), "--bpe", "x.txt", "--out", str(tmp_path / "r0")]) == 1
+    assert "reads its own vocab.txt" in capsys.readouterr().err
+    assert train.main([*flags, "--text-init", str(safetensors_folder), "--out", str(tmp_path / "run")]) == 0
+
+    pipe = sample.Pipeline.load(tmp_path / "run" / "latest", "cpu")
+    text = pipe.model.config.text
+    assert isinstance(text, bert_text.BertConfig) and isinstance(pipe.tokenizer, bert_text.WordPiece)
+    assert (text.context_length, text.cls_token_id, text.sep_token_id) == (40, pipe.tokenizer.cls_id, pipe.tokenizer.sep_id)
+    saved = json.loads((tmp_path / "run" / "latest" / "config.json").read_text())["config"]["text"]
+    assert saved["kind"] == "bert" and emage.EmageConfig.from_dict(json.loads(
+        (tmp_path / "run" / "latest" / "config.json").read_text())["config"]).text == text
+    assert emage._parameter_count(pipe.model.config) == sum(p.numel() for p in pipe.model.parameters())
+
+    captions = ["a red circle to the left of a blue square", "a small green triangle"]
+    tokens = pipe.tokenizer(captions, context_length=text.context_length)
+    states, valid = pipe.model.text_encoder.states_and_mask(tokens)
+    with torch.no_grad():  # the loaded tower is transformers' BertModel, the 1e-12 step aside
+        expected = bert_model(input_ids=tokens, attention_mask=valid.long()).last_hidden_state
+    assert torch.allclose(states[valid], expected[valid], atol=1e-4)
+    empty = pipe.model.empty_caption(2, 6)
+    assert empty[:, :2].tolist() == [[pipe.tokenizer.cls_id, pipe.tokenizer.sep_id]] * 2
+    assert (empty[:, 2:] == pipe.tokenizer.pad_id).all()
+    with torch.no_grad():  # guidance runs the empty caption through the BERT tower as well
+        image_tokens = pipe.model.generate(tokens, steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert image_tokens.shape == (2, pipe.model.config.n) and image_tokens.max() < 32
+
+    with pytest.raises(export_onnx.ExportError, match="BERT"):
+        export_onnx.export(pipe.model, pipe.vqgan, tmp_path / "onnx", tokenizer_path=tmp_path / "run" / "latest" / "vocab.txt")
