@@ -555,6 +555,125 @@ def load_bert(path: str | os.PathLike) -> BertEncoder:
 
 
 # ----------------------------------------------------------------------------------------
+# Writing a Hugging Face folder, and a BERT pretrained on the shapes world (Table 5)
+# ----------------------------------------------------------------------------------------
+
+
+def save_bert(encoder: BertEncoder, folder: str | os.PathLike, vocab: list[str]) -> None:
+    """A Hugging Face BertModel folder (config.json, model.safetensors, vocab.txt), each file
+    written atomically, that load_bert and transformers' BertModel.from_pretrained both read."""
+    from safetensors.torch import save_file
+
+    from files import atomic_write, write_json
+
+    folder = Path(folder)
+    state = {}
+    for native, value in encoder.state_dict().items():
+        hf = hf_key_map(encoder.config)[native]
+        for name, part in zip((hf,) if isinstance(hf, str) else hf, value.chunk(1 if isinstance(hf, str) else 3)):
+            state[name] = part.detach().contiguous().cpu()
+    c = encoder.config
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / VOCAB_FILE_NAME, lambda tmp: Path(tmp).write_text("".join(t + "\n" for t in vocab), encoding="utf-8"))
+    write_json(folder / CONFIG_FILE_NAME, {
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
+        "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.layer_norm_eps, "hidden_act": c.hidden_act,
+        "pad_token_id": c.pad_token_id})
+
+
+def shapes_vocab() -> list[str]:
+    """BERT's five special tokens, then every word of the shapes grammar (SHAPES.md) whole."""
+    import shapes
+
+    words = {*shapes.COLORS, *shapes.SHAPES, *shapes.SIZES, "a", "an", "the"}
+    for relation in shapes.RELATIONS:
+        words.update(relation.split())
+    return [PAD, UNK, CLS, SEP, MASK, *sorted(words)]
+
+
+def train_shapes(out: str | os.PathLike, *, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                 threads: int = 1) -> dict:
+    """Pretrain a BERT by masked-language modelling on shapes training captions (Table 5's BERT
+    row): the shapes generator's text-tower size (3 layers of width 128, 4 heads, 24 positions),
+    BERT's masking (15 % of the words; of those 80 % [MASK], 10 % a random word, 10 % kept) and
+    its prediction head (dense, GELU, LayerNorm, then the tied word embeddings). Writes a Hugging
+    Face folder with save_bert and returns the masked-word accuracy on novel-split captions."""
+    import random
+    import tempfile
+    import time
+
+    from tqdm import tqdm
+
+    import shapes
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vocab = shapes_vocab()
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is written to `out` before training ends
+        (Path(scratch) / VOCAB_FILE_NAME).write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+        tokenizer = WordPiece(Path(scratch) / VOCAB_FILE_NAME)
+    mask_id, first_word = vocab.index(MASK), 5
+    config = BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=512, max_position_embeddings=24)
+    encoder = BertEncoder(config)
+    head = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.LayerNorm(128, eps=config.layer_norm_eps))
+    bias = nn.Parameter(torch.zeros(len(vocab)))
+    parameters = [*encoder.parameters(), *head.parameters(), bias]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps))
+
+    def masked_batch(split: str, generator: torch.Generator):
+        tokens = tokenizer([shapes.sample_caption(rng, split) for _ in range(batch_size)], context_length=24)
+        chosen = (tokens >= first_word) & (torch.rand(tokens.shape, generator=generator) < 0.15)
+        kind = torch.rand(tokens.shape, generator=generator)
+        random_word = torch.randint(first_word, len(vocab), tokens.shape, generator=generator)
+        inputs = torch.where(chosen & (kind < 0.8), mask_id, torch.where(chosen & (kind < 0.9), random_word, tokens))
+        return inputs, tokens, chosen
+
+    def logits(inputs):
+        return head(encoder(inputs, inputs != tokenizer.pad_id)) @ encoder.word_embeddings.weight.T + bias
+
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _ in (bar := tqdm(range(steps), desc="BERT on shapes captions", unit="step")):
+        inputs, tokens, chosen = masked_batch("train", generator)
+        loss = F.cross_entropy(logits(inputs)[chosen], tokens[chosen])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    encoder.eval()
+    right = total = 0
+    with torch.no_grad():
+        for _ in range(20):
+            inputs, tokens, chosen = masked_batch("novel", generator)
+            right += (logits(inputs).argmax(-1)[chosen] == tokens[chosen]).sum().item()
+            total += chosen.sum().item()
+    save_bert(encoder, out, vocab)
+    return {"masked_word_accuracy_novel": round(right / max(1, total), 4), "steps": steps, "batch_size": batch_size,
+            "lr": lr, "seed": seed, "seconds": round(time.perf_counter() - started)}
+
+
+def _train_shapes(args: argparse.Namespace) -> None:
+    from files import FileError, check_output
+
+    if not (1 <= args.steps <= 10**7 and 2 <= args.batch_size <= 4096 and 0 < args.lr <= 10 and 1 <= args.threads <= 1024):
+        raise BertError("--steps, --batch-size, --lr and --threads must be positive (batch at least 2, lr at most 10)")
+    try:
+        check_output(args.out, args.overwrite, "folder")
+    except FileError as e:
+        raise BertError(str(e)) from None
+    report = train_shapes(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          threads=args.threads)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+
+
+# ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
 
@@ -592,6 +711,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("folder", help="a BERT folder holding vocab.txt, or the vocab.txt itself")
     p.add_argument("texts", nargs="+", help="captions to tokenize")
     p.set_defaults(run=_tokenize)
+
+    p = commands.add_parser("train-shapes", help="pretrain a BERT by masked-language modelling on shapes captions (Table 5)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/bert-shapes", help="the Hugging Face folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder's contents if it holds some")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="captions per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (5 %% warm-up, then linear decay)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the captions, masks and initialisation")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.set_defaults(run=_train_shapes)
 
     args = parser.parse_args(argv)
     try:

@@ -565,7 +565,8 @@ def retrieval_accuracy(model: CLIP, tokenizer: clip_text.Tokenizer, seed: int = 
 
 
 def train_shapes(out: str | os.PathLike, *, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3,
-                 seed: int = 0, threads: int = 1, max_minutes: float = 8.0, log_every: int = 25) -> dict:
+                 seed: int = 0, threads: int = 1, max_minutes: float = 8.0, log_every: int = 25,
+                 text_config: TextConfig | None = None) -> dict:
     """Train VisionConfig.shapes() + shapes_text_config() contrastively on rendered shapes images
     (half of every batch hard negatives, see shapes_batch) with AdamW and a cosine learning
     rate after 5 % warm-up; save with save_clip. Training stops early after `max_minutes`
@@ -575,7 +576,7 @@ def train_shapes(out: str | os.PathLike, *, steps: int = 1000, batch_size: int =
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = clip_text.Tokenizer(SHAPES_BPE_PATH)
-    model = CLIP(shapes_text_config(), VisionConfig.shapes())
+    model = CLIP(text_config or shapes_text_config(), VisionConfig.shapes())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
@@ -663,8 +664,11 @@ def _train_shapes(args: argparse.Namespace) -> None:
     check_int("--seed", args.seed, 0, 2**63 - 1, E)
     check_int("--threads", args.threads, 1, 1024, E)
     check_output(args.out, args.overwrite, "folder")
+    text = shapes_text_config()
+    if args.text_size == "emage":  # the shapes generator's own tower (emage.SMALL_TEXT), for Table 5's CLIP row
+        text = TextConfig(vocab_size=text.vocab_size, context_length=24, width=128, heads=4, layers=3, embed_dim=128)
     report = train_shapes(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          threads=args.threads, max_minutes=args.max_minutes)
+                          threads=args.threads, max_minutes=args.max_minutes, text_config=text)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
 
 
@@ -699,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=8.0, help="stop early after this much wall time")
     p.add_argument("--seed", type=int, default=0, help="seed of the caption stream and the initialisation")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--text-size", default="small", choices=("small", "emage"),
+                   help="the text tower: small (width 32, 1 layer: the shipped re-ranker) or emage (3 layers of width "
+                        "128, 24 positions: the shapes generator's own tower, so that train.py --text-init can load it)")
     p.set_defaults(run=_train_shapes)
 
     args = parser.parse_args(argv)

@@ -456,6 +456,7 @@ class TextEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 NATIVE_FORMAT = "emage.clip_text"  # the "format" field of a native config.json
+WHOLE_CLIP_FORMAT = "emage.clip"  # clip_image.py's native whole CLIP (text.* and visual.* keys); its text tower loads
 # Parts of a full CLIP checkpoint that are not the text tower, skipped on purpose: the image
 # tower and the contrastive temperature; OpenAI's TorchScript archive also keeps three
 # hyper-parameters as tensors, and open_clip saves its causal mask.
@@ -632,7 +633,8 @@ def _build(weights: dict[str, torch.Tensor], config: TextConfig, source: Path) -
 def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) -> TextEncoder:
     """A TextEncoder (fp32, eval mode) from any supported checkpoint:
 
-    - a native directory (config.json with "format": "emage.clip_text" + model.safetensors);
+    - a native directory (config.json with "format": "emage.clip_text" + model.safetensors), or
+      clip_image.py's native whole CLIP ("emage.clip"), whose text tower is taken;
     - a Hugging Face CLIPModel, CLIPTextModel or CLIPTextModelWithProjection: a directory with
       config.json + model.safetensors (or pytorch_model.bin), or the weights file alone
       (heads then taken as width // 64, OpenAI's rule);
@@ -657,6 +659,9 @@ def load_clip_text(path: str | os.PathLike, *, trust_torchscript: bool = False) 
         meta = read_json(config_path)  # bounded: a config.json handed in may be hostile
         if isinstance(meta, dict) and meta.get("format") == NATIVE_FORMAT:
             native_config = _native_config(meta.get("config"), state, config_path)
+        elif isinstance(meta, dict) and meta.get("format") == WHOLE_CLIP_FORMAT:  # clip_image.py's: keep text.*
+            state = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
+            native_config = _native_config(meta.get("text"), state, config_path)
     if native_config is not None:
         return _build(state, native_config, path).eval()
     if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in state):

@@ -490,3 +490,26 @@ def test_emage_trains_and_samples_with_a_bert_tower(bert_model, safetensors_fold
 
     with pytest.raises(export_onnx.ExportError, match="BERT"):
         export_onnx.export(pipe.model, pipe.vqgan, tmp_path / "onnx", tokenizer_path=tmp_path / "run" / "latest" / "vocab.txt")
+
+
+def test_a_bert_pretrained_on_shapes_captions_is_a_folder_transformers_reads(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bert"
+    bert_text.main(["train-shapes", "--out", str(out), "--steps", "30", "--batch-size", "16"])
+    report = capsys.readouterr().out
+    assert "masked_word_accuracy_novel" in report
+    config = json.loads((out / "config.json").read_text())
+    reference = transformers.BertModel(transformers.BertConfig(**{k: v for k, v in config.items() if k != "architectures"}),
+                                       add_pooling_layer=False).eval()
+    reference.load_state_dict(load_file(out / "model.safetensors"), strict=True)  # every key, the real names and shapes
+    ours, tokenizer = bert_text.load_bert(out), bert_text.load_wordpiece(out)
+    assert (ours.config.hidden_size, ours.config.num_hidden_layers, ours.config.max_position_embeddings) == (128, 3, 24)
+    tokens = tokenizer(["a red circle to the left of a blue square", "a large green triangle"], context_length=24)
+    assert bert_text.UNK not in tokenizer.tokenize("a small purple circle above a large cyan square")
+    mask = tokenizer.attention_mask(tokens)
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens, mask), reference(input_ids=tokens, attention_mask=mask).last_hidden_state, atol=1e-5)
+    with pytest.raises(SystemExit):  # the folder is not replaced without --overwrite
+        bert_text.main(["train-shapes", "--out", str(out), "--steps", "2"])
+    assert "--overwrite" in capsys.readouterr().err

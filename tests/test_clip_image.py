@@ -180,3 +180,15 @@ def test_committed_shapes_clip_reproduces_its_recorded_evaluation():
     assert measured["beats_hard_negative"] == pytest.approx(recorded["beats_hard_negative"], abs=1e-6)
     assert measured["retrieval_top1"] == pytest.approx(recorded["retrieval_top1"], abs=1e-6)
     assert measured["beats_hard_negative"] > 0.75  # an image prefers its caption to a one-detail change
+
+
+def test_the_text_tower_of_a_native_whole_clip_loads_for_text_init(tmp_path):
+    """train.py --text-init reads clip_image.py's whole CLIP (Table 5's CLIP row): its text.* weights."""
+    torch.manual_seed(0)
+    text = clip_text.TextConfig(vocab_size=clip_image.SHAPES_VOCAB_SIZE, context_length=24, width=64, heads=4, layers=2,
+                                embed_dim=32)
+    model = clip_image.CLIP(text, clip_image.VisionConfig.shapes())
+    clip_image.save_clip(model, tmp_path / "clip", clip_image.SHAPES_BPE_PATH)
+    tower = clip_text.load_clip_text(tmp_path / "clip")
+    assert tower.config == text
+    assert all(torch.equal(v, model.text.state_dict()[k]) for k, v in tower.state_dict().items())
