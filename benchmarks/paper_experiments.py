@@ -11,7 +11,8 @@ Tables (docs/paper/tables.md, each also as JSON):
   steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds.
 - Section 4.7: linear against cosine masking, in training and at inference.
 - Table 6: T in {1, 2, 4, 8, 16, 32} for the plateau #3 and #1 models.
-- Table 5 (the text tower: random, CLIP-style, BERT): listed with what it still needs.
+- Table 5: #1 and AR with the text tower initialised randomly, from a CLIP-style tower trained
+  contrastively on shapes pairs, or from a BERT trained by masked-language modelling on shapes captions.
 - Learning curves: accuracy against step and against training FLOPs (curves_step.png,
   curves_flops.png).
 
@@ -57,6 +58,7 @@ class Model:
     seed: int = 0
     sets: tuple[str, ...] = ()
     evals: tuple[tuple[str, dict], ...] = ()  # extra evaluations beyond T = 16 (label, generate options)
+    tower: str | None = None  # Table 5: the text tower starts from "clip" or "bert" (TOWERS), None: random
 
     @property
     def label(self) -> str:
@@ -65,7 +67,7 @@ class Model:
 
 TABLE6 = tuple((f"T={t}", {"steps": t}) for t in T6_ROUNDS if t != 16)
 LINEAR_INFERENCE = (("linear inference", {"schedule": "linear"}),)
-# In the order they are trained: Table 3's first seed, Section 4.7, then the second seeds.
+# In the order they are trained: Table 3's first seed, Section 4.7, Table 5, then the second seeds.
 MODELS = (
     Model("full-s0", "full"),
     Model("v1-s0", "1", evals=TABLE6),
@@ -73,14 +75,21 @@ MODELS = (
     Model("v3-s0", "3", evals=TABLE6 + LINEAR_INFERENCE),
     Model("ar-s0", "ar"),
     Model("v3-cosine-s0", "3", sets=("train_schedule=cosine",), evals=LINEAR_INFERENCE),
+    Model("v1-clip", "1", tower="clip"),
+    Model("ar-clip", "ar", tower="clip"),
+    Model("v1-bert", "1", tower="bert"),
+    Model("ar-bert", "ar", tower="bert"),
     Model("v1-s1", "1", seed=1),
     Model("v3-s1", "3", seed=1),
     Model("ar-s1", "ar", seed=1),
 )
-SMOKE_MODELS = ("full-s0", "v1-s0", "v3-s0", "ar-s0")
-TABLE5_PENDING = ("the CLIP-style and BERT rows need text towers of the Table-3 tower's size (3 layers, width 128) "
-                  "pretrained on shapes captions, and train.py --text-init reading a BERT folder; the random row "
-                  "is Table 3's #1 and AR")
+SMOKE_MODELS = ("full-s0", "v1-s0", "v3-s0", "ar-s0", "v1-bert")
+# Table 5's pretrained text towers, all of the Table-3 tower's size (3 layers of width 128, 24
+# positions), pretrained on shapes captions: [command, steps, smoke steps].
+TOWERS = {
+    "clip": (["clip_image.py", "train-shapes", "--text-size", "emage", "--max-minutes", "60", "--threads", "1"], 1000, 3),
+    "bert": (["bert_text.py", "train-shapes", "--threads", "1"], 2000, 3),
+}
 
 
 @dataclass
@@ -109,7 +118,8 @@ class Settings:
                 "--lr", "1e-3", "--lr-schedule", "constant", "--eval-temperature", str(TEMPERATURE), "--keep", "2",
                 "--vqgan", str(ROOT / "checkpoints" / "shapes" / "patterns"), "--device", self.device,
                 *(["--threads", "1"] if self.device == "cpu" else []), *size, *budget,
-                *[x for kv in model.sets for x in ("--set", kv)]]
+                *[x for kv in model.sets for x in ("--set", kv)],
+                *(["--text-init", str(self.runs / "towers" / model.tower)] if model.tower else [])]
 
 
 def now() -> str:
@@ -171,11 +181,37 @@ def run_child(command: list[str], log: Path, threads: int = 1) -> tuple[int, flo
     return proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime
 
 
+TOWER_LOCKS = {name: threading.Lock() for name in TOWERS}
+
+
+def pretrain_tower(name: str, s: Settings) -> bool:
+    """Table 5's text tower `name` in --runs/towers/NAME, pretrained once (tower.json records it)."""
+    folder = s.runs / "towers" / name
+    with TOWER_LOCKS[name]:
+        if (folder.parent / f"{name}.json").is_file():
+            return True
+        command, steps, smoke_steps = TOWERS[name]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        started = now()
+        code, wall, cpu = run_child([sys.executable, str(ROOT / command[0]), *command[1:], "--out", str(folder),
+                                     "--steps", str(smoke_steps if s.smoke else steps), "--overwrite"],
+                                    folder.parent / f"{name}.log")  # --overwrite: an interrupted attempt of ours
+        if code != 0:
+            print(f"[paper] tower {name}: pretraining failed ({code}); see {folder.parent / f'{name}.log'}", flush=True)
+            return False
+        report = (folder.parent / f"{name}.log").read_text().splitlines()[-1]
+        write_json(folder.parent / f"{name}.json", {"started": started, "finished": now(), "wall_s": round(wall, 1),
+                                                    "cpu_s": round(cpu, 1), "report": report})
+        return True
+
+
 def train_model(model: Model, s: Settings) -> bool:
     run = s.runs / model.name
     run.mkdir(parents=True, exist_ok=True)
     if trained(run) is not None:
         return True
+    if model.tower and not pretrain_tower(model.tower, s):
+        return False
     flags = s.train_flags(model)
     write_json(run / "cap.json", int(flags[flags.index("--steps") + 1]))
     resume = ["--resume"] if (run / "latest.json").is_file() else []
@@ -311,7 +347,7 @@ def report(s: Settings, models=MODELS) -> str:
 
     rows, json_rows = [], []
     for m in models:
-        if m.name.startswith("v3-cosine"):
+        if m.tower or "cosine" in m.name:  # Table 5's and Section 4.7's own models
             continue
         acc, cost, lat = state[m.name], run_cost(s.runs / m.name), per_image.get(m.name, {})
         if acc is None:
@@ -361,8 +397,25 @@ def report(s: Settings, models=MODELS) -> str:
     tables["table6"] = json_rows
     sections.append("## Table 6: rounds T\n\nThe plateau models of Table 3, seed 0.\n\n" +
                     markdown(["model", "T", "seen", "novel", "all", "s/image, batch 1"], rows))
-    tables["table5"] = {"status": "not run", "why": TABLE5_PENDING}
-    sections.append(f"## Table 5: the text tower\n\nNot run yet: {TABLE5_PENDING}.")
+    rows, json_rows = [], []
+    for tower, names in (("random", ("v1-s0", "ar-s0")), ("CLIP-style, contrastive", ("v1-clip", "ar-clip")),
+                         ("BERT, masked-language modelling", ("v1-bert", "ar-bert"))):
+        for name in names:
+            acc, label = state.get(name), "#1" if name.startswith("v1") else "autoregressive"
+            if acc is None:
+                rows.append([tower, label, "not finished", "", "", ""])
+                continue
+            r = acc["rows"]["T=16"]
+            rows.append([tower, label, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), acc["step"]])
+            json_rows.append({"tower": tower, "model": label, **r, "plateau_step": acc["step"]})
+    towers = {name: read_json(s.runs / "towers" / f"{name}.json") for name in TOWERS}
+    tables["table5"] = {"rows": json_rows, "towers": towers}
+    pretraining = "; ".join(f"{name}: {t['report']}" for name, t in towers.items() if t) or "not pretrained yet"
+    sections.append("## Table 5: the text tower\n\nThe same 3-layer, width-128 text tower, initialised three ways "
+                    "(the random row is Table 3's seed 0), then trained with the decoder. T = 16 for #1.\n\n" +
+                    markdown(["text tower", "model", "seen", "novel", "all", "plateau step"], rows) +
+                    f"\n\nPretraining (`clip_image.py train-shapes --text-size emage`, `bert_text.py train-shapes`): "
+                    f"{pretraining}.")
 
     ran = [[m.name, "; ".join(run_cost(s.runs / m.name)["ran"]) or "not started"] for m in models]
     sections.append("## When each part ran\n\n" + markdown(["run", "training segments"], ran) +
@@ -391,8 +444,8 @@ def draw_curves(s: Settings, models=MODELS) -> None:
         if not curve:
             continue
         flops = (read_json(s.runs / m.name / "accuracy.json") or {}).get("train_flops_per_step")
-        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''} seed {m.seed}"
-        key = (label, COLOURS[m.variant], m.seed > 0 or "cosine" in m.name)  # dashed: second seeds, cosine
+        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''}{f', {m.tower} tower' if m.tower else ''} seed {m.seed}"
+        key = (label, COLOURS[m.variant], m.seed > 0 or "cosine" in m.name or bool(m.tower))  # dashed: all but Table 3's seed 0
         series_step[key] = curve
         if flops:
             series_flops[key] = [(x * flops, y) for x, y in curve]

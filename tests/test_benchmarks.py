@@ -173,6 +173,10 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
         [(m, t) for m in ("#3", "#1") for t in (1, 2, 4, 8, 16, 32)]
     assert [(r["train"], r["inference"]) for r in json.loads((out / "schedules.json").read_text())] == \
         [("linear", "linear"), ("linear", "cosine")]  # the cosine-trained model is not in the smoke set
+    table5 = json.loads((out / "table5.json").read_text())
+    assert [(r["tower"], r["model"]) for r in table5["rows"]] == [("random", "#1"), ("random", "autoregressive"),
+                                                                 ("BERT, masked-language modelling", "#1")]
+    assert "masked_word_accuracy_novel" in table5["towers"]["bert"]["report"] and table5["towers"]["clip"] is None
     for name in ("curves_step.png", "curves_flops.png"):
         assert (out / name).stat().st_size > 1000
     segments = {m: json.loads((runs / m / "segments.json").read_text()) for m in paper_experiments.SMOKE_MODELS}
@@ -180,4 +184,4 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
     assert paper_experiments.main(argv) == 0  # everything is there: nothing is trained again
     assert {m: json.loads((runs / m / "segments.json").read_text()) for m in segments} == segments
     assert paper_experiments.main(["status", "--smoke", "--runs", str(runs)]) == 0
-    assert capsys.readouterr().out.count("evaluated") == 4
+    assert capsys.readouterr().out.count("evaluated") == 5
