@@ -810,8 +810,8 @@ class Emage(nn.Module):
 
 def load_tokenizer(path):
     """The caption tokenizer a checkpoint keeps beside it: BERT's WordPiece for a vocab.txt
-    (Table 5's BERT tower), else CLIP's BPE."""
-    return WordPiece(path) if Path(path).name == VOCAB_FILE_NAME else Tokenizer(path)
+    (Table 5's BERT tower), else CLIP's BPE (None: CLIP's own file, found as clip_text.find_bpe finds it)."""
+    return WordPiece(path) if path is not None and Path(path).name == VOCAB_FILE_NAME else Tokenizer(path)
 
 
 def save_checkpoint(model: Emage, out_dir, *, variant, step: int, tokenizer_path, vqgan_dir, extra: dict | None = None) -> Path:
