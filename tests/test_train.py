@@ -79,8 +79,10 @@ def test_a_constant_schedule_keeps_the_peak_after_the_same_warm_up():
 
 
 @pytest.mark.parametrize("history, min_steps, expected", [
-    ([(500, 0.1), (1000, 0.2), (1500, 0.3), (2000, 0.31)], 0, True),  # the last quarter is step 2000 alone
-    ([(500, 0.1), (1000, 0.2), (1500, 0.3), (2000, 0.4)], 0, False),  # 0.4 beats 0.3 by more than its 0.030 SE
+    ([(500, 0.1), (1000, 0.3), (1500, 0.31), (2000, 0.32)], 0, True),  # the second half is steps 1500 and 2000
+    ([(500, 0.1), (1000, 0.3), (1500, 0.31), (2000, 0.34)], 0, False),  # 0.34 beats 0.3 by more than its 0.030 SE
+    # #1 of the plateau suite at step 4,000: rising 0.033 -> 0.054 in steps below one SE (0.0145 at 0.05)
+    ([(500, .004), (1000, 0), (1500, .033), (2000, .033), (2500, .042), (3000, .050), (3500, .054), (4000, .054)], 0, False),
     ([(s, 0.30) for s in range(500, 4001, 500)], 0, True),  # flat
     ([(s, 0.30) for s in range(500, 4001, 500)], 4500, False),  # flat, but before the fewest steps
     ([(s, 0.30) for s in range(500, 3501, 500)] + [(4000, 0.32)], 0, True),  # within one SE (0.0296 on 240)
