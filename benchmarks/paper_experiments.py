@@ -552,12 +552,12 @@ def main(argv=None) -> int:
     parser.add_argument("name", nargs="?", help="evaluate-one: the model's name (used by `all`)")
     parser.add_argument("--runs", type=Path, default=None, help=f"where the training runs live (default {RUNS})")
     parser.add_argument("--out", type=Path, default=None, help=f"where the tables and curves go (default {OUT})")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every model trains, is evaluated and timed")
     parser.add_argument("--jobs", type=int, default=2, help="models trained side by side (one thread each on a CPU)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only these models (repeatable): " + ", ".join(m.name for m in MODELS))
     parser.add_argument("--smoke", action="store_true",
-                        help="a few steps of four models on 96 examples and 8 captions: checks the machinery, not the paper")
+                        help="a few steps of five models on 96 examples and 8 captions: checks the machinery, not the paper")
     args = parser.parse_args(argv)
     if not 1 <= args.jobs <= 64:
         parser.error("--jobs must be between 1 and 64")
