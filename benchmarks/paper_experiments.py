@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,7 +113,7 @@ class Settings:
             budget = ["--steps", "6", "--eval-every", "2", "--until-plateau", "2", "--eval-captions", "8",
                       "--shapes-examples", "96", "--shapes-cache", str(self.runs / "tokens")]
         else:
-            budget = ["--steps", "16000", "--eval-every", "500", "--until-plateau", "4000", "--eval-captions", "240",
+            budget = ["--steps", "16000", "--eval-every", "500", "--until-plateau", "8000", "--eval-captions", "240",
                       "--shapes-examples", "60000", "--shapes-cache", str(ROOT / "data" / "shapes-patterns-60k")]
         return ["--recipe", "none", "--variant", model.variant, "--seed", str(model.seed), "--batch-size", "32",
                 "--lr", "1e-3", "--lr-schedule", "constant", "--eval-temperature", str(TEMPERATURE), "--keep", "2",
@@ -151,9 +152,11 @@ def metrics(run: Path) -> list[dict]:
 
 
 def trained(run: Path) -> int | None:
-    """The final step of a finished training (plateau reached or cap hit), else None."""
+    """The final step of a finished training (plateau reached, not before the fewest steps the
+    run was last given, or cap hit), else None."""
     records = metrics(run)
-    ends = [r["step"] for r in records if r.get("plateau")]
+    fewest = read_json(run / "min_steps.json", 0) or 0
+    ends = [r["step"] for r in records if r.get("plateau") and r["step"] >= fewest]
     latest = read_json(run / "latest.json", {}) or {}
     cap = read_json(run / "cap.json")
     if ends:
@@ -168,6 +171,16 @@ def trained(run: Path) -> int | None:
 # ----------------------------------------------------------------------------------------
 
 
+CHILDREN: set[subprocess.Popen] = set()  # running children, told to stop (and save) on SIGTERM or SIGINT
+STOPPING = threading.Event()
+
+
+def stop_children(signum, frame) -> None:
+    STOPPING.set()
+    for proc in list(CHILDREN):
+        proc.send_signal(signal.SIGTERM)  # train.py saves a checkpoint and exits
+
+
 def run_child(command: list[str], log: Path, threads: int = 1) -> tuple[int, float, float]:
     """(exit code, wall seconds, CPU seconds) of one child process, its output appended to `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
@@ -176,7 +189,9 @@ def run_child(command: list[str], log: Path, threads: int = 1) -> tuple[int, flo
         out.write(f"\n$ {shlex.join(command)}   # {now()}\n")
         out.flush()
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        CHILDREN.add(proc)
         _, status, usage = os.wait4(proc.pid, 0)
+        CHILDREN.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime
 
@@ -208,11 +223,12 @@ def pretrain_tower(name: str, s: Settings) -> bool:
 def train_model(model: Model, s: Settings) -> bool:
     run = s.runs / model.name
     run.mkdir(parents=True, exist_ok=True)
+    flags = s.train_flags(model)
+    write_json(run / "min_steps.json", int(flags[flags.index("--until-plateau") + 1]))
     if trained(run) is not None:
         return True
     if model.tower and not pretrain_tower(model.tower, s):
         return False
-    flags = s.train_flags(model)
     write_json(run / "cap.json", int(flags[flags.index("--steps") + 1]))
     resume = ["--resume"] if (run / "latest.json").is_file() else []
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(run), *resume]
@@ -230,8 +246,11 @@ def train_model(model: Model, s: Settings) -> bool:
 def evaluate_model(model: Model, s: Settings) -> None:
     """accuracy.json: T = 16 (and the model's extra evaluations), one candidate, no re-ranking."""
     run = s.runs / model.name
-    if (run / "accuracy.json").is_file():
+    done = read_json(run / "accuracy.json")
+    if done is not None and done.get("step") == trained(run):
         return
+    if done is not None:  # measured at an earlier stop of a run that has trained on since: kept beside
+        os.replace(run / "accuracy.json", run / f"accuracy-step{done.get('step')}.json")
     command = [sys.executable, str(Path(__file__).resolve()), "evaluate-one", model.name, "--runs", str(s.runs),
                "--device", s.device, *(["--smoke"] if s.smoke else [])]
     code, _, _ = run_child(command, run / "evaluate.log")
@@ -527,15 +546,23 @@ def run_all(models, s: Settings) -> None:
     print(f"[paper] {len(models)} models in {s.runs}; ETA {eta(models, s)} with --jobs {s.jobs}", flush=True)
 
     def one(m: Model) -> None:
+        if STOPPING.is_set():
+            return
         print(f"[paper] {now()} {m.name}: training", flush=True)
-        if train_model(m, s):
+        if train_model(m, s) and not STOPPING.is_set():
             evaluate_model(m, s)
         with s.lock:
             report(s, models)
             print(f"[paper] {now()} {m.name}: done; ETA for the rest {eta(models, s)}", flush=True)
 
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
     with ThreadPoolExecutor(max_workers=s.jobs) as pool:
         list(pool.map(one, models))
+    if STOPPING.is_set():
+        print(f"[paper] {now()} stopped; the trainings saved their steps. Run `all` again to continue.", flush=True)
+        report(s, models)
+        return
     finished = [m for m in models if (s.runs / m.name / "accuracy.json").is_file()]
     names = sorted(m.name for m in finished)
     old = read_json(s.out / "latency.json", {}) or {}
