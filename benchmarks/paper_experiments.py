@@ -224,7 +224,6 @@ def train_model(model: Model, s: Settings) -> bool:
     run = s.runs / model.name
     run.mkdir(parents=True, exist_ok=True)
     flags = s.train_flags(model)
-    write_json(run / "min_steps.json", int(flags[flags.index("--until-plateau") + 1]))
     if trained(run) is not None:
         return True
     if model.tower and not pretrain_tower(model.tower, s):
@@ -289,6 +288,12 @@ def train_flops(checkpoint: Path) -> int:
     image = torch.randint(0, c.codebook_size, (32, c.n))
     model.train()
     return counted_flops(lambda: model.loss(text, image, info["variant"]).backward())
+
+
+def current_accuracy(run: Path) -> dict | None:
+    """accuracy.json, if it was measured at the step where the run now stands finished."""
+    acc = read_json(run / "accuracy.json")
+    return acc if acc is not None and acc.get("step") == trained(run) else None
 
 
 def se(p: float, n: int) -> float:
@@ -361,7 +366,7 @@ def report(s: Settings, models=MODELS) -> str:
     """docs/paper/: tables.md, one JSON per table, and the learning curves."""
     latency = read_json(s.out / "latency.json", {}) or {}
     per_image = latency.get("seconds_per_image", {})
-    state = {m.name: read_json(s.runs / m.name / "accuracy.json") for m in models}
+    state = {m.name: current_accuracy(s.runs / m.name) for m in models}
     sections, tables = [], {}
 
     rows, json_rows = [], []
@@ -563,7 +568,7 @@ def run_all(models, s: Settings) -> None:
         print(f"[paper] {now()} stopped; the trainings saved their steps. Run `all` again to continue.", flush=True)
         report(s, models)
         return
-    finished = [m for m in models if (s.runs / m.name / "accuracy.json").is_file()]
+    finished = [m for m in models if current_accuracy(s.runs / m.name) is not None]
     names = sorted(m.name for m in finished)
     old = read_json(s.out / "latency.json", {}) or {}
     if finished and sorted(old.get("seconds_per_image", {})) != names:
@@ -600,6 +605,10 @@ def main(argv=None) -> int:
         import shapes
 
         s.seeds, s.latency_repeats, s.captions = 1, 2, shapes.eval_captions()[::30]
+    for m in models:  # the suite's fewest steps hold for every run, also one stopped under an earlier rule
+        if (s.runs / m.name).is_dir():
+            flags = s.train_flags(m)
+            write_json(s.runs / m.name / "min_steps.json", int(flags[flags.index("--until-plateau") + 1]))
     if args.command == "evaluate-one":
         evaluate_one(next(m for m in MODELS if m.name == args.name), s)
     elif args.command == "status":
