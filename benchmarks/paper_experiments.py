@@ -519,9 +519,11 @@ def expected_seconds(model: Model, s: Settings) -> float:
     run = s.runs / model.name
     if trained(run) is not None:
         return 0.0 if (run / "accuracy.json").is_file() else 120.0
-    finished = [trained(s.runs / m.name) for m in MODELS]
-    done = [x for x in finished if x]
-    expected = statistics.median(done) if done else 8000
+    flags = s.train_flags(model)
+    cap, fewest = (int(flags[flags.index(flag) + 1]) for flag in ("--steps", "--until-plateau"))
+    done = [x for x in (trained(s.runs / m.name) for m in MODELS) if x]
+    # the median stop so far, else twice the fewest steps (the rule compares the two halves of a run)
+    expected = min(cap, max(fewest, statistics.median(done) if done else 2 * fewest))
     records = metrics(run)
     speeds = [r["steps_per_s"] for r in records if "steps_per_s" in r][-5:]
     speed = statistics.mean(speeds) if speeds else (3.5 if model.variant in ("2", "3") else 4.5)
