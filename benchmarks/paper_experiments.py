@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from files import write_json  # noqa: E402  (atomic)
+
 RUNS = ROOT / "runs" / "paper"
 OUT = ROOT / "docs" / "paper"
 T6_ROUNDS = (1, 2, 4, 8, 16, 32)
@@ -132,13 +134,6 @@ def read_json(path: Path, default=None):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return default
-
-
-def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def metrics(run: Path) -> list[dict]:
