@@ -409,13 +409,15 @@ def report(s: Settings, models=MODELS) -> str:
                 rows.append([name[:2].replace("v", "#"), t, "not finished", "", "", ""])
                 continue
             r = acc["rows"][label]
-            b1 = lat.get(f"b1_T{t}")
+            b1, b16 = lat.get(f"b1_T{t}"), lat.get(f"b16_T{t}")
             rows.append([f"#{name[1]}", t, cell(r, "seen"), cell(r, "novel"), cell(r, "all"),
-                         f"{b1:.4f}" if b1 else "not measured"])
-            json_rows.append({"model": f"#{name[1]}", "T": t, **r, "latency_b1_s": b1})
+                         f"{b1:.4f}" if b1 else "not measured", f"{b16:.4f}" if b16 else "not measured"])
+            json_rows.append({"model": f"#{name[1]}", "T": t, **r, "latency_b1_s": b1, "latency_b16_s": b16})
     tables["table6"] = json_rows
     sections.append("## Table 6: rounds T\n\nThe plateau models of Table 3, seed 0.\n\n" +
-                    markdown(["model", "T", "seen", "novel", "all", "s/image, batch 1"], rows))
+                    markdown(["model", "T", "seen", "novel", "all", "s/image, batch 1", "s/image, batch 16"], rows))
+    tables["batch16"] = against_cached_ar(state, per_image)
+    sections.append(batch16_section(tables["batch16"]))
     rows, json_rows = [], []
     for tower, names in (("random", ("v1-s0", "ar-s0")), ("CLIP-style, contrastive", ("v1-clip", "ar-clip")),
                          ("BERT, masked-language modelling", ("v1-bert", "ar-bert"))):
@@ -449,6 +451,44 @@ def report(s: Settings, models=MODELS) -> str:
             "\n\n![accuracy against step](curves_step.png)\n\n![accuracy against training FLOPs](curves_flops.png)\n")
     (s.out / "tables.md").write_text(text)
     return text
+
+
+def against_cached_ar(state: dict, per_image: dict) -> dict:
+    """Does #3 at some T beat the cached autoregressive loop at batch 16 with at least its accuracy?
+
+    Compares every T of Table 6 with the AR model of seed 0 on all pairs: the accuracy
+    difference, whether it is within one standard error of the two, and the time ratio.
+    """
+    ar, v3 = state.get("ar-s0"), state.get("v3-s0")
+    ar_time = per_image.get("ar-s0", {}).get("b16_T16")
+    if ar is None or v3 is None or ar_time is None:
+        return {"rows": [], "ar": None}
+    a = ar["rows"]["T=16"]["all"]
+    rows = []
+    for t in T6_ROUNDS:
+        r, seconds = v3["rows"].get(f"T={t}", {}).get("all"), per_image.get("v3-s0", {}).get(f"b16_T{t}")
+        if r is None or seconds is None:
+            continue
+        gap = r["accuracy"] - a["accuracy"]
+        noise = math.hypot(se(r["accuracy"], r["count"]), se(a["accuracy"], a["count"]))
+        rows.append({"T": t, "accuracy": r["accuracy"], "minus_ar": gap, "se": noise,
+                     "at_least_ar": gap >= -noise, "seconds": seconds, "speedup": ar_time / seconds})
+    return {"rows": rows, "ar": {"accuracy": a["accuracy"], "count": a["count"], "seconds": ar_time}}
+
+
+def batch16_section(result: dict) -> str:
+    title = "## #3 against the cached autoregressive loop at batch 16\n\n"
+    if not result["rows"]:
+        return title + "Needs the plateau #3 and AR models of seed 0 and their latencies."
+    ar = result["ar"]
+    rows = [[r["T"], f"{r['accuracy']:.3f}", f"{r['minus_ar']:+.3f} ± {r['se']:.3f}", "yes" if r["at_least_ar"] else "no",
+             f"{r['seconds']:.4f}", f"{r['speedup']:.2f}x"] for r in result["rows"]]
+    wins = [r for r in result["rows"] if r["at_least_ar"] and r["speedup"] > 1]
+    verdict = (f"#3 beats the cached loop at equal accuracy with T = {', '.join(str(r['T']) for r in wins)}."
+               if wins else "No T of #3 is both as accurate as the cached loop (within one standard error) and faster.")
+    return (title + f"All 480 pairs; the cached AR loop passes {ar['accuracy']:.3f} at {ar['seconds']:.4f} s per image. "
+            "Speed-up > 1 means #3 is faster. " + verdict + "\n\n" +
+            markdown(["T", "#3 accuracy", "minus AR ± SE", "as accurate", "s/image, batch 16", "speed-up"], rows))
 
 
 COLOURS = {"full": (128, 128, 128), "1": (31, 119, 180), "2": (44, 160, 44), "3": (214, 39, 40), "ar": (148, 103, 189)}

@@ -171,6 +171,12 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
         assert row["plateau_step"] in (2, 4, 6) and row["train_flops_per_step"] > 0
     assert [(r["model"], r["T"]) for r in json.loads((out / "table6.json").read_text())] == \
         [(m, t) for m in ("#3", "#1") for t in (1, 2, 4, 8, 16, 32)]
+    batch16 = json.loads((out / "batch16.json").read_text())
+    assert [r["T"] for r in batch16["rows"]] == [1, 2, 4, 8, 16, 32] and batch16["ar"]["seconds"] > 0
+    for r in batch16["rows"]:
+        assert r["speedup"] == pytest.approx(batch16["ar"]["seconds"] / r["seconds"])
+        assert r["at_least_ar"] == (r["accuracy"] - batch16["ar"]["accuracy"] >= -r["se"])
+    assert "cached autoregressive loop at batch 16" in (out / "tables.md").read_text()
     assert [(r["train"], r["inference"]) for r in json.loads((out / "schedules.json").read_text())] == \
         [("linear", "linear"), ("linear", "cosine")]  # the cosine-trained model is not in the smoke set
     table5 = json.loads((out / "table5.json").read_text())
