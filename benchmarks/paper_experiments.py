@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from files import write_json  # noqa: E402  (atomic)
+from files import write_json, write_text  # noqa: E402  (atomic)
 
 RUNS = ROOT / "runs" / "paper"
 OUT = ROOT / "docs" / "paper"
@@ -449,7 +449,7 @@ def report(s: Settings, models=MODELS) -> str:
     text = ("# The paper's experiments at their plateau\n\nWritten by `python benchmarks/paper_experiments.py all`; "
             "see docs/results.md for the reading of these numbers.\n\n" + "\n\n".join(sections) +
             "\n\n![accuracy against step](curves_step.png)\n\n![accuracy against training FLOPs](curves_flops.png)\n")
-    (s.out / "tables.md").write_text(text)
+    write_text(s.out / "tables.md", text)
     return text
 
 

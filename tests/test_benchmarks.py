@@ -191,3 +191,31 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
     assert {m: json.loads((runs / m / "segments.json").read_text()) for m in segments} == segments
     assert paper_experiments.main(["status", "--smoke", "--runs", str(runs)]) == 0
     assert capsys.readouterr().out.count("evaluated") == 5
+
+
+def test_frontier_times_evaluated_settings_and_chooses_the_fastest_within_one_se(tmp_path, capsys):
+    """benchmarks/frontier.py --no-evaluate on two stored evaluations: timed, tabled, plotted; the
+    cheaper setting is chosen only while it is within one standard error of the better one."""
+    from benchmarks import frontier
+
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    runs.mkdir()
+
+    def report(seen, novel):
+        return {"seen": {"accuracy": seen, "count": 320}, "novel": {"accuracy": novel, "count": 160},
+                "all": {"accuracy": (2 * seen + novel) / 3, "count": 480}}
+
+    (runs / "c1-t16.json").write_text(json.dumps(report(0.70, 0.55)))
+    (runs / "c2-t8.json").write_text(json.dumps(report(0.68, 0.55)))
+    assert frontier.main(["--runs", str(runs), "--out", str(out), "--no-evaluate", "--repeats", "1", "--threads", "1"]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert [(r["candidates"], r["rounds"]) for r in result["rows"]] == [(1, 16), (2, 8)]
+    assert all(r["seconds"] > 0 for r in result["rows"])
+    fastest = min(result["rows"], key=lambda r: r["seconds"])
+    assert result["chosen"] == {"candidates": fastest["candidates"], "rounds": fastest["rounds"]}  # 0.02 apart: within
+    assert (out / "frontier.png").stat().st_size > 1000 and "(chosen)" in (out / "frontier.md").read_text()
+
+    rows = [{**report(0.98, 0.84), "seconds": 0.4}, {**report(0.95, 0.75), "seconds": 0.2}]
+    assert frontier.choose(rows) is rows[0]  # 0.09 novel apart: outside one standard error
+    rows[1].update(report(0.975, 0.83))
+    assert frontier.choose(rows) is rows[1]
