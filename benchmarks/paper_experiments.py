@@ -3,6 +3,7 @@
     python benchmarks/paper_experiments.py all              # train what is missing, evaluate, write docs/paper/
     python benchmarks/paper_experiments.py status           # what is done, what is left, and an ETA
     python benchmarks/paper_experiments.py report           # rewrite docs/paper/ from the finished runs
+    python benchmarks/paper_experiments.py latency          # time the evaluated models now (nothing else running)
 
 Tables (docs/paper/tables.md, each also as JSON):
 - Table 3: fully NAR, #1, #2, #3 and the autoregressive baseline, trained with the paper's losses
@@ -10,7 +11,9 @@ Tables (docs/paper/tables.md, each also as JSON):
   candidate, no re-ranking, with standard errors; latency per image at batch 1 and 16; the
   steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds.
 - Section 4.7: linear against cosine masking, in training and at inference.
-- Table 6: T in {1, 2, 4, 8, 16, 32} for the plateau #3 and #1 models.
+- Table 6: T in {1, 2, 4, 8, 16, 32} for the plateau #3 and #1 models, timed at batch 1 and
+  16; and #3 at each T against the cached autoregressive loop at batch 16: is any T as
+  accurate and faster?
 - Table 5: #1 and AR with the text tower initialised randomly, from a CLIP-style tower trained
   contrastively on shapes pairs, or from a BERT trained by masked-language modelling on shapes captions.
 - Learning curves: accuracy against step and against training FLOPs (curves_step.png,
@@ -18,8 +21,9 @@ Tables (docs/paper/tables.md, each also as JSON):
 
 Every model of a table shares the tokenizer, model size, data, optimizer and stopping rule:
 `train.py --until-plateau` evaluates all 240 evaluation captions every 500 steps and stops when
-nothing in the last quarter of the run beats the best before it by one standard error
-(train.plateaued), at a constant learning rate after the warm-up. Runs live in --runs and
+nothing in the second half of the run beats the best of the first half by one standard error
+(train.plateaued), never before step 8,000 and at the latest at 16,000, at a constant learning
+rate after the warm-up. Runs live in --runs and
 resume where they stopped: run `all` again after an interruption and nothing finished is redone.
 --jobs 2 trains two models side by side, one thread each.
 """
@@ -605,19 +609,30 @@ def run_all(models, s: Settings) -> None:
         print(f"[paper] {now()} stopped; the trainings saved their steps. Run `all` again to continue.", flush=True)
         report(s, models)
         return
-    finished = [m for m in models if current_accuracy(s.runs / m.name) is not None]
-    names = sorted(m.name for m in finished)
     old = read_json(s.out / "latency.json", {}) or {}
-    if finished and sorted(old.get("seconds_per_image", {})) != names:
-        print(f"[paper] {now()} latency of {len(finished)} models, interleaved", flush=True)
-        write_json(s.out / "latency.json", measure_latency(finished, s))
+    if sorted(old.get("seconds_per_image", {})) != sorted(m.name for m in finished_models(models, s)):
+        time_finished(models, s)
     print(report(s, models))
+
+
+def finished_models(models, s: Settings) -> list[Model]:
+    return [m for m in models if current_accuracy(s.runs / m.name) is not None]
+
+
+def time_finished(models, s: Settings) -> None:
+    """latency.json for every evaluated model, interleaved (`all` redoes it when more have finished)."""
+    finished = finished_models(models, s)
+    if not finished:
+        print("[paper] no model is evaluated yet: nothing to time", flush=True)
+        return
+    print(f"[paper] {now()} latency of {len(finished)} models, interleaved", flush=True)
+    write_json(s.out / "latency.json", measure_latency(finished, s))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("all", "status", "report", "evaluate-one"))
+    parser.add_argument("command", choices=("all", "status", "report", "latency", "evaluate-one"))
     parser.add_argument("name", nargs="?", help="evaluate-one: the model's name (used by `all`)")
     parser.add_argument("--runs", type=Path, default=None, help=f"where the training runs live (default {RUNS})")
     parser.add_argument("--out", type=Path, default=None, help=f"where the tables and curves go (default {OUT})")
@@ -651,6 +666,9 @@ def main(argv=None) -> int:
     elif args.command == "status":
         status(models, s)
     elif args.command == "report":
+        print(report(s, models))
+    elif args.command == "latency":  # meant for a machine with nothing else running
+        time_finished(models, s)
         print(report(s, models))
     else:
         run_all(models, s)

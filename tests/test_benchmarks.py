@@ -191,6 +191,10 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
     assert {m: json.loads((runs / m / "segments.json").read_text()) for m in segments} == segments
     assert paper_experiments.main(["status", "--smoke", "--runs", str(runs)]) == 0
     assert capsys.readouterr().out.count("evaluated") == 5
+    (out / "latency.json").unlink()
+    assert paper_experiments.main(["latency", "--smoke", "--only", "v3-s0", "--runs", str(runs), "--out", str(out)]) == 0
+    timed = json.loads((out / "latency.json").read_text())["seconds_per_image"]
+    assert sorted(timed) == ["v3-s0"] and len(timed["v3-s0"]) == 12  # batch 1 and 16 x Table 6's rounds
 
 
 def test_frontier_times_evaluated_settings_and_chooses_the_fastest_within_one_se(tmp_path, capsys):
