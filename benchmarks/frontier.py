@@ -15,7 +15,6 @@ standard error (of the difference) of the most accurate setting's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from files import atomic_write, write_json, write_text  # noqa: E402  (atomic)
+from files import atomic_write, read_json, write_json, write_text  # noqa: E402  (atomic writes, bounded reads)
 
 DEMO = ROOT / "checkpoints" / "shapes" / "emage"
 SETTINGS = ((1, 16), (2, 8), (2, 16), (4, 8), (4, 16), (8, 4), (8, 8), (8, 16))  # (candidates, rounds)
@@ -45,7 +44,7 @@ def accuracy(candidates: int, rounds: int, runs: Path, evaluate: bool) -> dict |
             raise SystemExit(f"error: evaluating {candidates} x {rounds} failed (see above); rerun to continue")
     if not path.is_file():
         return None
-    report = json.loads(path.read_text())
+    report = read_json(path, "an evaluation")
     return {split: {"accuracy": report[split]["accuracy"], "count": report[split]["count"]} for split in ("seen", "novel", "all")}
 
 
