@@ -4,6 +4,7 @@
     python benchmarks/paper_experiments.py status           # what is done, what is left, and an ETA
     python benchmarks/paper_experiments.py report           # rewrite docs/paper/ from the finished runs
     python benchmarks/paper_experiments.py latency          # time the evaluated models now (nothing else running)
+    python benchmarks/paper_experiments.py latency --started --only v3-s0 --only ar-s0   # also runs still training
 
 Tables (docs/paper/tables.md, each also as JSON):
 - Table 3: fully NAR, #1, #2, #3 and the autoregressive baseline, trained with the paper's losses
@@ -311,7 +312,7 @@ def measure_latency(models: list[Model], s: Settings) -> dict:
     import eval_fid
 
     torch.set_num_threads(1 if s.device == "cpu" else torch.get_num_threads())
-    loaded = {m.name: eval_fid._load_generator(s.runs / m.name / f"step-{trained(s.runs / m.name):07d}", s.device)[:3]
+    loaded = {m.name: eval_fid._load_generator(s.runs / m.name / f"step-{timed_step(s.runs / m.name):07d}", s.device)[:3]
               for m in models}
     cells = [(m.name, batch, t) for m in models for batch in (1, 16)
              for t in ((16,) + tuple(t for t in T6_ROUNDS if t != 16) * (m.name in ("v1-s0", "v3-s0")))]
@@ -619,9 +620,16 @@ def finished_models(models, s: Settings) -> list[Model]:
     return [m for m in models if current_accuracy(s.runs / m.name) is not None]
 
 
-def time_finished(models, s: Settings) -> None:
-    """latency.json for every evaluated model, interleaved (`all` redoes it when more have finished)."""
-    finished = finished_models(models, s)
+def timed_step(run: Path) -> int:
+    """The checkpoint to time: the final one, or for a run still training its latest (the time
+    of a sampling loop does not depend on the weights)."""
+    return trained(run) or (read_json(run / "latest.json", {}) or {})["step"]
+
+
+def time_finished(models, s: Settings, started: bool = False) -> None:
+    """latency.json for every evaluated model (with started=True, every model with a checkpoint),
+    interleaved; `all` redoes it when more have finished."""
+    finished = [m for m in models if (s.runs / m.name / "latest.json").is_file()] if started else finished_models(models, s)
     if not finished:
         print("[paper] no model is evaluated yet: nothing to time", flush=True)
         return
@@ -640,6 +648,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="models trained side by side (one thread each on a CPU)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only these models (repeatable): " + ", ".join(m.name for m in MODELS))
+    parser.add_argument("--started", action="store_true",
+                        help="latency: also time models still training, at their latest checkpoint")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps of five models on 96 examples and 8 captions: checks the machinery, not the paper")
     args = parser.parse_args(argv)
@@ -668,7 +678,7 @@ def main(argv=None) -> int:
     elif args.command == "report":
         print(report(s, models))
     elif args.command == "latency":  # meant for a machine with nothing else running
-        time_finished(models, s)
+        time_finished(models, s, started=args.started)
         print(report(s, models))
     else:
         run_all(models, s)

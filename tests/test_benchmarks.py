@@ -223,3 +223,17 @@ def test_frontier_times_evaluated_settings_and_chooses_the_fastest_within_one_se
     assert frontier.choose(rows) is rows[0]  # 0.09 novel apart: outside one standard error
     rows[1].update(report(0.975, 0.83))
     assert frontier.choose(rows) is rows[1]
+
+
+def test_paper_suite_times_a_finished_run_at_its_plateau_and_a_running_one_at_its_latest_step(tmp_path):
+    from benchmarks import paper_experiments
+
+    run = tmp_path / "v3-s0"
+    run.mkdir()
+    (run / "latest.json").write_text(json.dumps({"step": 9000, "dir": "step-0009000"}))
+    (run / "min_steps.json").write_text("8000")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 8500, "accuracy_all": 0.2}) + "\n")
+    assert paper_experiments.trained(run) is None and paper_experiments.timed_step(run) == 9000
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 8500, "plateau": True}) + "\n")
+    assert paper_experiments.trained(run) == 8500 and paper_experiments.timed_step(run) == 8500
