@@ -534,7 +534,7 @@ def line_plot(series: dict, xlabel: str, path: Path, size=(900, 560)) -> None:
         draw.text((8, to_px(0, y)[1] - 6), f"{y:.2f}", fill="black")
         draw.line([to_px(0, y), to_px(xmax, y)], fill=(230, 230, 230))
         x = xmax * i / 5
-        draw.text((to_px(x, 0)[0] - 20, bottom + 6), f"{x:.3g}", fill="black")
+        draw.text((to_px(x, 0)[0] - 20, bottom + 6), f"{x:,.0f}" if xmax < 1e6 else f"{x:.2g}", fill="black")  # steps, FLOPs
     draw.text(((left + right) // 2 - 40, bottom + 30), xlabel, fill="black")
     draw.text((8, top - 16), "accuracy (all evaluation captions, temperature 0.7)", fill="black")
     for k, ((label, colour, dashed), curve) in enumerate(series.items()):
