@@ -696,7 +696,10 @@ def train(args, later_steps: int = 0) -> int:
     rank, world, device = setup_distributed(args.device)
     try:
         with run_lock(Path(args.out), enabled=rank == 0):
-            return training_loop(prepare(args, rank, world, device), later_steps)
+            code = training_loop(prepare(args, rank, world, device), later_steps)
+        if world > 1:  # leave together: rank 0 may still be evaluating, and gloo torn down under it aborted rank 1
+            dist.barrier()
+        return code
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
