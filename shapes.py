@@ -507,6 +507,11 @@ def accuracy_report(results: list[tuple[str, bool]]) -> dict:
     return report
 
 
+def standard_error(accuracy: float, count: int) -> float:
+    """One standard error of an accuracy measured on `count` pairs: sqrt(p (1 - p) / n)."""
+    return math.sqrt(accuracy * (1 - accuracy) / count) if count else float("nan")
+
+
 def failure_report(results: list[tuple[str, str]]) -> dict:
     """From (caption, ScoreResult.kind) pairs: per split, the fraction of pairs failing by each kind."""
     report = {}

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from files import atomic_write, read_json, write_json, write_text  # noqa: E402  (atomic writes, bounded reads)
+from shapes import standard_error  # noqa: E402
 
 DEMO = ROOT / "checkpoints" / "shapes" / "emage"
 SETTINGS = ((1, 16), (2, 8), (2, 16), (4, 8), (4, 16), (8, 4), (8, 8), (8, 16))  # (candidates, rounds)
@@ -98,8 +99,7 @@ def plot(rows: list[dict], path: Path, target_seconds: float = TARGET_SECONDS) -
 
 
 def se(row: dict, split: str) -> float:
-    p, n = row[split]["accuracy"], row[split]["count"]
-    return math.sqrt(p * (1 - p) / n)
+    return standard_error(row[split]["accuracy"], row[split]["count"])
 
 
 def choose(rows: list[dict]) -> dict:

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from files import write_json, write_text  # noqa: E402  (atomic)
+import shapes  # noqa: E402
 
 RUNS = ROOT / "runs" / "paper"
 OUT = ROOT / "docs" / "paper"
@@ -296,10 +297,6 @@ def current_accuracy(run: Path) -> dict | None:
     return acc if acc is not None and acc.get("step") == trained(run) else None
 
 
-def se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n else float("nan")
-
-
 # ----------------------------------------------------------------------------------------
 # Latency: every finished model, interleaved, nothing else running
 # ----------------------------------------------------------------------------------------
@@ -348,7 +345,7 @@ def measure_latency(models: list[Model], s: Settings) -> dict:
 
 def cell(row: dict, split: str) -> str:
     p, n = row[split]["accuracy"], row[split]["count"]
-    return f"{p:.3f} ± {se(p, n):.3f}"
+    return f"{p:.3f} ± {shapes.standard_error(p, n):.3f}"
 
 
 def markdown(columns: list[str], rows: list[list]) -> str:
@@ -475,7 +472,7 @@ def against_cached_ar(state: dict, per_image: dict) -> dict:
         if r is None or seconds is None:
             continue
         gap = r["accuracy"] - a["accuracy"]
-        noise = math.hypot(se(r["accuracy"], r["count"]), se(a["accuracy"], a["count"]))
+        noise = math.hypot(shapes.standard_error(r["accuracy"], r["count"]), shapes.standard_error(a["accuracy"], a["count"]))
         rows.append({"T": t, "accuracy": r["accuracy"], "minus_ar": gap, "se": noise,
                      "at_least_ar": gap >= -noise, "seconds": seconds, "speedup": ar_time / seconds})
     return {"rows": rows, "ar": {"accuracy": a["accuracy"], "count": a["count"], "seconds": ar_time}}
@@ -664,8 +661,6 @@ def main(argv=None) -> int:
         parser.error(f"unknown --only {sorted(unknown)}; choose from {[m.name for m in models]}")
     models = [m for m in models if not args.only or m.name in args.only]
     if args.smoke:
-        import shapes
-
         s.seeds, s.latency_repeats, s.captions = 1, 2, shapes.eval_captions()[::30]
     for m in models:  # the suite's fewest steps hold for every run, also one stopped under an earlier rule
         if (s.runs / m.name).is_dir():
