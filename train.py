@@ -545,7 +545,8 @@ def training_loop(run: Run, later_steps: int = 0) -> int:
                     tokens = args.batch_size * model.config.n * len(window)
                     log.write({"step": step, "loss": sum(v for v, _ in window) / len(window), "lr": lr, "grad_norm": norm,
                                "tokens_per_s": tokens / sum(t for _, t in window),
-                               "steps_per_s": len(window) / sum(t for _, t in window), "time": time.time()})
+                               "steps_per_s": len(window) / sum(t for _, t in window), "time": time.time(),
+                               "cpu_s": time.process_time()})  # this process's CPU so far: a killed run's cost
                     window = []
                 if stop_asked:
                     last_good = run.checkpoint(step)

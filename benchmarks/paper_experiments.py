@@ -8,7 +8,9 @@
 
 Tables (docs/paper/tables.md, each also as JSON):
 - Table 3: fully NAR, #1, #2, #3 and the autoregressive baseline, trained with the paper's losses
-  only (Section 3.2-3.4; no extension of extensions.py). Seen and novel accuracy at T = 16, one
+  only (Section 3.2-3.4: no object masking, no mirror loss). Every model of the suite reads the
+  demo's colour x pattern codes, so each has extensions.py's colour-factored embedding and head
+  (train.py sets `colours` from that tokenizer). Seen and novel accuracy at T = 16, one
   candidate, no re-ranking, with standard errors; latency per image at batch 1 and 16; the
   steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds.
 - Section 4.7: linear against cosine masking, in training and at inference.
@@ -232,11 +234,11 @@ def train_model(model: Model, s: Settings) -> bool:
     write_json(run / "cap.json", int(flags[flags.index("--steps") + 1]))
     resume = ["--resume"] if (run / "latest.json").is_file() else []
     command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(run), *resume]
-    started = now()
+    segments = [close_segment(x, run) for x in read_json(run / "segments.json", [])]
+    segments.append({"started": now(), "started_at": time.time(), "command": shlex.join(command[1:])})
+    write_json(run / "segments.json", segments)  # open until the child returns: a killed suite keeps its start
     code, wall, cpu = run_child(command, run / "train.log")
-    segments = read_json(run / "segments.json", [])
-    segments.append({"started": started, "finished": now(), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                     "exit": code, "command": shlex.join(command[1:])})
+    segments[-1].update(finished=now(), wall_s=round(wall, 1), cpu_s=round(cpu, 1), exit=code)
     write_json(run / "segments.json", segments)
     if code != 0:
         print(f"[paper] {model.name}: train.py exited with {code}; see {run / 'train.log'}", flush=True)
@@ -353,8 +355,23 @@ def markdown(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
+def close_segment(segment: dict, run: Path) -> dict:
+    """A training segment whose suite was killed before it returned (no "finished"), closed at
+    the last metrics.jsonl record it wrote: its time, and the CPU seconds train.py had used."""
+    if "finished" in segment:
+        return segment
+    start = segment.get("started_at", math.inf)
+    records = [r for r in metrics(run) if isinstance(r.get("time"), (int, float)) and r["time"] >= start]
+    last = records[-1] if records else {"time": start if math.isfinite(start) else 0.0}
+    wall = max(0.0, last["time"] - start) if math.isfinite(start) else 0.0
+    finished = datetime.fromtimestamp(last["time"], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {**segment, "finished": finished, "wall_s": round(wall, 1),
+            "cpu_s": round(last.get("cpu_s", wall), 1), "exit": "interrupted",
+            "note": "closed at its last metrics record: the suite was stopped while it ran"}
+
+
 def run_cost(run: Path) -> dict:
-    segments = read_json(run / "segments.json", [])
+    segments = [close_segment(x, run) for x in read_json(run / "segments.json", [])]
     return {"cpu_s": sum(x["cpu_s"] for x in segments), "wall_s": sum(x["wall_s"] for x in segments),
             "ran": [f"{x['started']} - {x['finished']}" for x in segments]}
 
@@ -592,12 +609,15 @@ def run_all(models, s: Settings) -> None:
     def one(m: Model) -> None:
         if STOPPING.is_set():
             return
-        print(f"[paper] {now()} {m.name}: training", flush=True)
-        if train_model(m, s) and not STOPPING.is_set():
+        if trained(s.runs / m.name) is None:
+            print(f"[paper] {now()} {m.name}: training", flush=True)
+        finished = train_model(m, s) and not STOPPING.is_set()
+        if finished:
             evaluate_model(m, s)
         with s.lock:
             report(s, models)
-            print(f"[paper] {now()} {m.name}: done; ETA for the rest {eta(models, s)}", flush=True)
+            state = "done" if finished else "stopped" if STOPPING.is_set() else "not finished (see its train.log)"
+            print(f"[paper] {now()} {m.name}: {state}; ETA for the rest {eta(models, s)}", flush=True)
 
     signal.signal(signal.SIGTERM, stop_children)
     signal.signal(signal.SIGINT, stop_children)

@@ -186,6 +186,7 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
     for name in ("curves_step.png", "curves_flops.png"):
         assert (out / name).stat().st_size > 1000
     segments = {m: json.loads((runs / m / "segments.json").read_text()) for m in paper_experiments.SMOKE_MODELS}
+    assert all(x["exit"] == 0 and x["cpu_s"] > 0 for run in segments.values() for x in run)  # closed when they returned
     capsys.readouterr()
     assert paper_experiments.main(argv) == 0  # everything is there: nothing is trained again
     assert {m: json.loads((runs / m / "segments.json").read_text()) for m in segments} == segments
@@ -237,3 +238,24 @@ def test_paper_suite_times_a_finished_run_at_its_plateau_and_a_running_one_at_it
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 8500, "plateau": True}) + "\n")
     assert paper_experiments.trained(run) == 8500 and paper_experiments.timed_step(run) == 8500
+
+
+def test_paper_suite_closes_a_segment_its_killed_suite_left_open_at_the_last_record(tmp_path):
+    from benchmarks import paper_experiments
+
+    run = tmp_path / "v1-s0"
+    run.mkdir()
+    t0 = 1_800_000_000.0
+    records = [{"step": 10, "time": t0 - 50, "cpu_s": 9.0},  # an earlier segment's
+               {"step": 20, "time": t0 + 30, "cpu_s": 25.0}, {"step": 30, "time": t0 + 70, "cpu_s": 61.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    finished = {"started": "a", "finished": "b", "wall_s": 5.0, "cpu_s": 4.0, "exit": 0}
+    (run / "segments.json").write_text(json.dumps([finished, {"started": "c", "started_at": t0}]))
+    cost = paper_experiments.run_cost(run)
+    assert cost["wall_s"] == pytest.approx(75.0) and cost["cpu_s"] == pytest.approx(65.5)
+    assert len(cost["ran"]) == 2 and cost["ran"][0] == "a - b"
+    closed = paper_experiments.close_segment({"started": "c", "started_at": t0}, run)
+    assert closed["exit"] == "interrupted" and closed["finished"].endswith("UTC")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 20, "time": t0 + 40}) + "\n")  # no cpu_s: one thread's wall
+    assert paper_experiments.close_segment({"started": "c", "started_at": t0}, run)["cpu_s"] == pytest.approx(40.0)
+    assert paper_experiments.close_segment({"started": "c", "started_at": t0 + 100}, run)["wall_s"] == 0.0

@@ -122,6 +122,8 @@ def test_a_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses  # log(32) = 3.47 at the start
+    cpu = [m["cpu_s"] for m in metrics(out) if "loss" in m]  # what a killed run had cost (paper_experiments)
+    assert cpu[0] > 0 and cpu == sorted(cpu)
     assert (out / "samples" / "step-0000030.png").is_file()
     assert any("accuracy_all" in m for m in metrics(out))  # shapes accuracy of the evaluation captions
     model, info = emage.load_checkpoint(out / "latest")
