@@ -511,6 +511,17 @@ def batch16_section(result: dict) -> str:
 
 
 COLOURS = {"full": (128, 128, 128), "1": (31, 119, 180), "2": (44, 160, 44), "3": (214, 39, 40), "ar": (148, 103, 189)}
+# How a curve is drawn besides its variant's colour: (dash pattern in pixels, None = solid; how
+# far its colour is lightened towards white). Table 3's seed 0 is solid, the rest tell themselves apart.
+STYLES = {"seed 0": (None, 0.0), "seed 1": ((9, 5), 0.0), "cosine": ((3, 4), 0.0),
+          "clip": ((9, 5), 0.45), "bert": ((3, 4), 0.45)}
+
+
+def curve_style(m: Model) -> tuple:
+    kind = m.tower or ("cosine" if "cosine" in m.name else f"seed {m.seed}")
+    dash, lighten = STYLES[kind]
+    colour = tuple(round(c + (255 - c) * lighten) for c in COLOURS[m.variant])
+    return colour, dash
 
 
 def draw_curves(s: Settings, models=MODELS) -> None:
@@ -522,8 +533,8 @@ def draw_curves(s: Settings, models=MODELS) -> None:
         if not curve:
             continue
         flops = (read_json(s.runs / m.name / "accuracy.json") or {}).get("train_flops_per_step")
-        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''}{f', {m.tower} tower' if m.tower else ''} seed {m.seed}"
-        key = (label, COLOURS[m.variant], m.seed > 0 or "cosine" in m.name or bool(m.tower))  # dashed: all but Table 3's seed 0
+        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''}{f', {m.tower} tower' if m.tower else ''}, seed {m.seed}"
+        key = (label, *curve_style(m))
         series_step[key] = curve
         if flops:
             series_flops[key] = [(x * flops, y) for x, y in curve]
@@ -533,33 +544,66 @@ def draw_curves(s: Settings, models=MODELS) -> None:
     line_plot(series_flops, "training FLOPs", s.out / "curves_flops.png")
 
 
-def line_plot(series: dict, xlabel: str, path: Path, size=(900, 560)) -> None:
-    from PIL import Image, ImageDraw
+def dashed_line(draw, points, colour, dash, width=2) -> None:
+    """A polyline, solid (dash None) or dashed with (on, off) pixel lengths that run on across its vertices."""
+    if dash is None:
+        draw.line(points, fill=colour, width=width, joint="curve")
+        return
+    on, off = dash
+    phase = 0.0  # distance into the current on + off period
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        t = 0.0
+        while t < length:
+            drawing = phase < on
+            step = min((on - phase) if drawing else (on + off - phase), length - t)
+            if drawing:
+                a, b = t / length, (t + step) / length
+                draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+                          fill=colour, width=width)
+            t, phase = t + step, (phase + step) % (on + off)
+
+
+def tick_step(top: float, most: int = 6) -> float:
+    """A round tick spacing (1, 2 or 5 x 10^k) giving at most `most` intervals up to `top`."""
+    for exponent in range(-3, 30):
+        for mantissa in (1, 2, 5):
+            step = mantissa * 10.0 ** exponent
+            if top / step <= most:
+                return step
+    return top
+
+
+def line_plot(series: dict, xlabel: str, path: Path, size=(960, 580)) -> None:
+    from PIL import Image, ImageDraw, ImageFont
 
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 70, 20, size[0] - 250, size[1] - 60
-    draw.rectangle([left, top, right, bottom], outline="black")
+    font = ImageFont.load_default(size=13)
+    left, top, right, bottom = 60, 30, size[0] - 270, size[1] - 60
     xmax = max((x for curve in series.values() for x, _ in curve), default=1) or 1
     ymax = max(0.05, max((y for curve in series.values() for _, y in curve), default=0.05)) * 1.05
     to_px = lambda x, y: (left + (right - left) * x / xmax, bottom - (bottom - top) * y / ymax)  # noqa: E731
-    for i in range(6):
-        y = ymax * i / 5
-        draw.text((8, to_px(0, y)[1] - 6), f"{y:.2f}", fill="black")
+    dy, dx = tick_step(ymax), tick_step(xmax)
+    for k in range(int(ymax / dy + 1e-9) + 1):
+        y = k * dy
         draw.line([to_px(0, y), to_px(xmax, y)], fill=(230, 230, 230))
-        x = xmax * i / 5
-        draw.text((to_px(x, 0)[0] - 20, bottom + 6), f"{x:,.0f}" if xmax < 1e6 else f"{x:.2g}", fill="black")  # steps, FLOPs
-    draw.text(((left + right) // 2 - 40, bottom + 30), xlabel, fill="black")
-    draw.text((8, top - 16), "accuracy (all evaluation captions, temperature 0.7)", fill="black")
-    for k, ((label, colour, dashed), curve) in enumerate(series.items()):
+        draw.text((left - 8, to_px(0, y)[1]), f"{y:.2f}", fill="black", font=font, anchor="rm")
+    for k in range(int(xmax / dx + 1e-9) + 1):
+        x = k * dx
+        draw.text((to_px(x, 0)[0], bottom + 6), f"{x:,.0f}" if xmax < 1e6 else f"{x:.1e}", fill="black", font=font, anchor="ma")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) // 2, bottom + 32), xlabel, fill="black", font=font, anchor="ma")
+    draw.text((left, top - 22), "accuracy, all 240 evaluation captions (one image each, temperature 0.7)", fill="black", font=font)
+    for k, ((label, colour, dash), curve) in enumerate(series.items()):
         points = [to_px(x, y) for x, y in curve]
-        for i, (a, b) in enumerate(zip(points, points[1:])):
-            if not dashed or i % 2 == 0:  # second seeds and the cosine-trained model: every other segment
-                draw.line([a, b], fill=colour, width=2)
+        if len(points) > 1:
+            dashed_line(draw, points, colour, dash)
         for p in points:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
-        draw.line([right + 15, top + 12 + 20 * k, right + 40, top + 12 + 20 * k], fill=colour, width=3 - dashed)
-        draw.text((right + 46, top + 5 + 20 * k), label, fill="black")
+        y = top + 12 + 22 * k
+        dashed_line(draw, [(right + 15, y), (right + 50, y)], colour, dash, width=3)
+        draw.text((right + 58, y), label, fill="black", font=font, anchor="lm")
     image.save(path)
 
 
