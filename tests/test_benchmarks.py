@@ -169,6 +169,7 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
         assert row["all"]["count"] == 8 and 0 <= row["all"]["accuracy"] <= 1
         assert row["latency_b1_s"] > 0 and row["latency_b16_s"] > 0 and row["cpu_s"] > 0
         assert row["plateau_step"] in (2, 4, 6) and row["train_flops_per_step"] > 0
+        assert row["second_half"]["evaluations"] >= 1 and 0 <= row["second_half"]["mean"] <= 1
     assert [(r["model"], r["T"]) for r in json.loads((out / "table6.json").read_text())] == \
         [(m, t) for m in ("#3", "#1") for t in (1, 2, 4, 8, 16, 32)]
     batch16 = json.loads((out / "batch16.json").read_text())
@@ -259,3 +260,19 @@ def test_paper_suite_closes_a_segment_its_killed_suite_left_open_at_the_last_rec
     (run / "metrics.jsonl").write_text(json.dumps({"step": 20, "time": t0 + 40}) + "\n")  # no cpu_s: one thread's wall
     assert paper_experiments.close_segment({"started": "c", "started_at": t0}, run)["cpu_s"] == pytest.approx(40.0)
     assert paper_experiments.close_segment({"started": "c", "started_at": t0 + 100}, run)["wall_s"] == 0.0
+
+
+def test_paper_suite_second_half_averages_the_evaluations_the_stopping_rule_judged_flat(tmp_path):
+    from benchmarks import paper_experiments
+
+    run = tmp_path / "v1-s0"
+    run.mkdir()
+    # the first half ends at 1,000 (train.plateaued's split); 2,500 comes after the plateau step
+    evaluations = {500: 0.9, 1000: 0.1, 1500: 0.2, 1750: 0.3, 2000: 0.4, 2500: 0.7}
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "accuracy_all": v}) + "\n"
+                                               for k, v in evaluations.items()) + json.dumps({"step": 2000, "loss": 1.0}))
+    flat = paper_experiments.second_half(run, 2000)
+    assert flat["evaluations"] == 3 and flat["mean"] == pytest.approx(0.3)
+    assert flat["se"] == pytest.approx(0.1 / np.sqrt(3))
+    assert paper_experiments.second_half(run, 500)["mean"] == pytest.approx(0.9)
+    assert paper_experiments.second_half(run, 500)["se"] is None
