@@ -666,7 +666,8 @@ def _train_shapes(args: argparse.Namespace) -> None:
     check_output(args.out, args.overwrite, "folder")
     text = shapes_text_config()
     if args.text_size == "emage":  # the shapes generator's own tower (emage.SMALL_TEXT), for Table 5's CLIP row
-        text = TextConfig(vocab_size=text.vocab_size, context_length=24, width=128, heads=4, layers=3, embed_dim=128)
+        text = TextConfig(vocab_size=text.vocab_size, context_length=24, width=128, heads=4, layers=3,
+                          embed_dim=VisionConfig.shapes().embed_dim)  # the contrastive space both towers project into
     report = train_shapes(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           threads=args.threads, max_minutes=args.max_minutes, text_config=text)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))

@@ -160,11 +160,21 @@ def vocabulary_in(path: str | os.PathLike, origin: str = "--bpe") -> Path:
 
 
 def vocabulary_beside(checkpoint: str | os.PathLike | None) -> Path | None:
-    """The vocabulary a checkpoint folder ships (a Hugging Face CLIP folder's merges.txt, or a
-    bpe_simple_vocab_16e6.txt.gz beside the weights), else None (also for a weights file)."""
+    """The vocabulary a checkpoint folder ships (a Hugging Face CLIP folder's merges.txt, the
+    file a native whole CLIP's config.json names, or a bpe_simple_vocab_16e6.txt.gz beside the
+    weights), else None (also for a weights file)."""
     if checkpoint is None or not Path(checkpoint).is_dir():
         return None
-    return next((Path(checkpoint) / n for n in (HF_MERGES, BPE_FILE_NAME) if (Path(checkpoint) / n).is_file()), None)
+    folder = Path(checkpoint)
+    names = [HF_MERGES, BPE_FILE_NAME]
+    try:
+        meta = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    except FileError:
+        meta = None
+    named = meta.get("tokenizer") if isinstance(meta, dict) and meta.get("format") == WHOLE_CLIP_FORMAT else None
+    if isinstance(named, str) and named == Path(named).name and named not in ("", ".", ".."):  # a plain name only
+        names.insert(1, named)
+    return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -184,7 +184,7 @@ def build_model(args, tokenizer, shards, vqgan_dir=None) -> emage.Emage:
         import clip_text  # only for pretrained text towers
 
         text_encoder = clip_text.load_clip_text(args.text_init, trust_torchscript=args.trust_torchscript)
-        config.text = text_encoder.config
+        config.text = replace(text_encoder.config)  # a copy: the checks below compare against the loaded one
     if not isinstance(config.text, bert_text.BertConfig):
         config.text.vocab_size = tokenizer.vocab_size
     loaded = repr(config.text)

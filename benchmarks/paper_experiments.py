@@ -94,7 +94,7 @@ MODELS = (
     Model("v3-s1", "3", seed=1),
     Model("ar-s1", "ar", seed=1),
 )
-SMOKE_MODELS = ("full-s0", "v1-s0", "v3-s0", "ar-s0", "v1-bert")
+SMOKE_MODELS = ("full-s0", "v1-s0", "v3-s0", "ar-s0", "v1-clip", "v1-bert")
 # Table 5's pretrained text towers, all of the Table-3 tower's size (3 layers of width 128, 24
 # positions), pretrained on shapes captions: [command, steps, smoke steps].
 TOWERS = {
@@ -727,7 +727,7 @@ def main(argv=None) -> int:
     parser.add_argument("--started", action="store_true",
                         help="latency: also time models still training, at their latest checkpoint")
     parser.add_argument("--smoke", action="store_true",
-                        help="a few steps of five models on 96 examples and 8 captions: checks the machinery, not the paper")
+                        help="a few steps of six models on 96 examples and 8 captions: checks the machinery, not the paper")
     args = parser.parse_args(argv)
     if not 1 <= args.jobs <= 64:
         parser.error("--jobs must be between 1 and 64")

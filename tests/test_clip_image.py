@@ -2,6 +2,7 @@
 trips, the re-ranker, the contrastive loss and the shapes training helpers. Parity with
 transformers is in test_clip_image_oracle.py."""
 import json
+from pathlib import Path
 import random
 
 import numpy as np
@@ -192,3 +193,47 @@ def test_the_text_tower_of_a_native_whole_clip_loads_for_text_init(tmp_path):
     tower = clip_text.load_clip_text(tmp_path / "clip")
     assert tower.config == text
     assert all(torch.equal(v, model.text.state_dict()[k]) for k, v in tower.state_dict().items())
+    vocabulary = clip_text.vocabulary_beside(tmp_path / "clip")  # what train.py tokenises captions with
+    assert vocabulary == tmp_path / "clip" / clip_image.SHAPES_BPE_PATH.name
+    assert clip_text.Tokenizer(vocabulary).vocab_size == text.vocab_size
+    meta = json.loads((tmp_path / "clip" / "config.json").read_text())
+    for hostile in ("../clip/" + vocabulary.name, "/etc/passwd", "..", 7):
+        (tmp_path / "clip" / "config.json").write_text(json.dumps({**meta, "tokenizer": hostile}))
+        assert clip_text.vocabulary_beside(tmp_path / "clip") is None
+
+
+def test_train_shapes_at_the_generators_text_size_writes_a_tower_text_init_reads(tmp_path):
+    """`train-shapes --text-size emage` (paper_experiments' Table 5 CLIP row): the generator's
+    3-layer, width-128 tower, paired with the shapes vision tower."""
+    out = tmp_path / "clip"
+    assert clip_image.main(["train-shapes", "--text-size", "emage", "--steps", "1", "--batch-size", "4",
+                            "--out", str(out)]) == 0
+    tower = clip_text.load_clip_text(out)
+    assert (tower.config.width, tower.config.layers, tower.config.context_length) == (128, 3, 24)
+
+
+def test_train_starts_from_a_native_whole_clip_with_the_vocabulary_it_names(tmp_path, capsys):
+    """Table 5's CLIP row: train.py --text-init CLIP_FOLDER tokenises with the folder's own
+    vocabulary; a --bpe of another size is a one-line error, not a failed weight copy."""
+    import data
+    import emage
+    import train
+    import vqgan
+
+    torch.manual_seed(0)
+    config = vqgan.VQGANConfig(resolution=32, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                               z_channels=8, embed_dim=8, n_embed=32, quantizer="vector", norm_groups=4)
+    vqgan.save_vqgan(vqgan.VQGAN(config), tmp_path / "vqgan")
+    data.prepare(data.ShapesSource(32, seed=0), tmp_path / "vqgan", tmp_path / "tokens", shard_size=32, progress=False)
+    text = clip_text.TextConfig(vocab_size=SHAPES_VOCAB_SIZE, context_length=24, width=32, heads=2, layers=1, embed_dim=32)
+    clip_image.save_clip(clip_image.CLIP(text, clip_image.VisionConfig.shapes()), tmp_path / "clip", SHAPES_BPE_PATH)
+    flags = ["--data", str(tmp_path / "tokens"), "--variant", "1", "--steps", "1", "--batch-size", "4", "--lr", "1e-12",
+             "--eval-every", "1000", "--set", "layers=1", "--text-init", str(tmp_path / "clip")]
+    assert train.main([*flags, "--bpe", str(clip_text.find_bpe()), "--out", str(tmp_path / "r0")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and f"{SHAPES_VOCAB_SIZE} ids" in err
+    assert train.main([*flags, "--out", str(tmp_path / "run")]) == 0
+    model, info = emage.load_checkpoint(tmp_path / "run" / "latest")
+    assert model.config.text == text and Path(info["tokenizer_path"]).name == SHAPES_BPE_PATH.name
+    tower = clip_text.load_clip_text(tmp_path / "clip")
+    assert torch.allclose(model.text_encoder.token_embedding.weight, tower.token_embedding.weight, atol=1e-6)  # lr 1e-12
