@@ -21,6 +21,7 @@ Tables (docs/paper/tables.md, each also as JSON):
   contrastively on shapes pairs, or from a BERT trained by masked-language modelling on shapes captions.
 - Learning curves: accuracy against step and against training FLOPs (curves_step.png,
   curves_flops.png).
+- What the plateau models draw: one image each for eight two-object captions (samples.png).
 
 Every model of a table shares the tokenizer, model size, data, optimizer and stopping rule:
 `train.py --until-plateau` evaluates all 240 evaluation captions every 500 steps and stops when
@@ -278,6 +279,40 @@ def evaluate_one(model: Model, s: Settings) -> None:
                                        "train_flops_per_step": train_flops(checkpoint), "rows": rows})
 
 
+def grid_captions(s: Settings) -> list[str]:
+    """The captions of the sample picture: the first four seen and four novel two-object
+    evaluation captions (in the smoke run, from its few captions)."""
+    captions = s.captions if s.captions is not None else shapes.eval_captions()
+    pairs = [c for c in captions if len(shapes.parse(c).objects) == 2] or captions
+    seen, novel = ([c for c in pairs if shapes.is_novel(c) == want] for want in (False, True))
+    return seen[:4] + novel[:4]
+
+
+def samples_one(model: Model, s: Settings) -> None:
+    """In its own process: one image per grid caption from the plateau checkpoint (seed 0,
+    T = 16, temperature 0.7), kept in the run with whether each passed."""
+    import eval_fid
+
+    run, step = s.runs / model.name, trained(s.runs / model.name)
+    captions = grid_captions(s)
+    report = eval_fid.shapes_accuracy(run / f"step-{step:07d}", captions=captions, seeds=1, progress=False,
+                                      device=s.device, temperature=TEMPERATURE, save_dir=run / "grid")
+    write_json(run / "grid.json", {"step": step, "captions": captions, "passed": [r["passed"] for r in report["results"]],
+                                   "images": [f"s0_{k:04d}.png" for k in range(len(captions))]})
+
+
+def sample_model(model: Model, s: Settings) -> None:
+    """grid.json and grid/: the plateau model's sample row for docs/paper/samples.png, drawn once."""
+    run = s.runs / model.name
+    if (read_json(run / "grid.json") or {}).get("step") == trained(run):
+        return
+    command = [sys.executable, str(Path(__file__).resolve()), "samples-one", model.name, "--runs", str(s.runs),
+               "--device", s.device, *(["--smoke"] if s.smoke else [])]
+    code, _, _ = run_child(command, run / "evaluate.log")
+    if code != 0:
+        print(f"[paper] {model.name}: drawing its samples failed ({code}); see {run / 'evaluate.log'}", flush=True)
+
+
 def train_flops(checkpoint: Path) -> int:
     """Matrix-multiply FLOPs of one training step (forward and backward) at batch 32."""
     import torch
@@ -480,9 +515,13 @@ def report(s: Settings, models=MODELS) -> str:
     for name, value in tables.items():
         write_json(s.out / f"{name}.json", value)
     draw_curves(s, models)
+    pictured = draw_samples(s, models)
     text = ("# The paper's experiments at their plateau\n\nWritten by `python benchmarks/paper_experiments.py all`; "
             "see docs/results.md for the reading of these numbers.\n\n" + "\n\n".join(sections) +
-            "\n\n![accuracy against step](curves_step.png)\n\n![accuracy against training FLOPs](curves_flops.png)\n")
+            "\n\n![accuracy against step](curves_step.png)\n\n![accuracy against training FLOPs](curves_flops.png)\n" +
+            ("\n## What the plateau models draw\n\nOne image per caption (seed 0, T = 16, temperature 0.7); a green "
+             "frame passed `shapes.score`, a red one failed.\n\n![samples of every plateau model](samples.png)\n"
+             if pictured else ""))
     write_text(s.out / "tables.md", text)
     return text
 
@@ -557,6 +596,45 @@ def draw_curves(s: Settings, models=MODELS) -> None:
     write_json(s.out / "curves.json", data)
     line_plot(series_step, "training step", s.out / "curves_step.png")
     line_plot(series_flops, "training FLOPs", s.out / "curves_flops.png")
+
+
+def draw_samples(s: Settings, models=MODELS, scale: int = 2) -> bool:
+    """samples.png: a row of sample images per finished model (grid.json), one column per
+    grid caption, framed green when it passed and red when it failed; the captions below.
+    False (and no file) while no model has its row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = []
+    for m in models:
+        grid = read_json(s.runs / m.name / "grid.json")
+        if grid is None or grid.get("step") != trained(s.runs / m.name):
+            continue
+        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''}{f', {m.tower} tower' if m.tower else ''}, seed {m.seed}"
+        images = [Image.open(s.runs / m.name / "grid" / name).convert("RGB") for name in grid["images"]]
+        rows.append((label, images, grid["passed"], grid["captions"]))
+    if not rows:
+        return False
+    font = ImageFont.load_default(size=13)
+    captions = rows[0][3]
+    side = rows[0][1][0].width * scale
+    cell, left, top = side + 10, 190, 26
+    height = top + cell * len(rows) + 20 + 18 * len(captions)
+    picture = Image.new("RGB", (left + cell * len(captions) + 10, height), "white")
+    draw = ImageDraw.Draw(picture)
+    for j, caption in enumerate(captions):
+        draw.text((left + cell * j + cell // 2, top - 6), f"{j + 1}{' (novel)' if shapes.is_novel(caption) else ''}",
+                  fill="black", font=font, anchor="md")
+    for i, (label, images, passed, _) in enumerate(rows):
+        y = top + cell * i
+        draw.text((8, y + cell // 2), label, fill="black", font=font, anchor="lm")
+        for j, (image, ok) in enumerate(zip(images, passed)):
+            x = left + cell * j
+            draw.rectangle([x, y, x + cell - 4, y + cell - 4], fill=(40, 160, 60) if ok else (210, 40, 40))
+            picture.paste(image.resize((side, side), Image.NEAREST), (x + 3, y + 3))
+    for j, caption in enumerate(captions):
+        draw.text((8, top + cell * len(rows) + 12 + 18 * j), f"{j + 1}. {caption}", fill="black", font=font)
+    picture.save(s.out / "samples.png")
+    return True
 
 
 def dashed_line(draw, points, colour, dash, width=2) -> None:
@@ -673,6 +751,7 @@ def run_all(models, s: Settings) -> None:
         finished = train_model(m, s) and not STOPPING.is_set()
         if finished:
             evaluate_model(m, s)
+            sample_model(m, s)
         with s.lock:
             report(s, models)
             state = "done" if finished else "stopped" if STOPPING.is_set() else "not finished (see its train.log)"
@@ -716,8 +795,8 @@ def time_finished(models, s: Settings, started: bool = False) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("all", "status", "report", "latency", "evaluate-one"))
-    parser.add_argument("name", nargs="?", help="evaluate-one: the model's name (used by `all`)")
+    parser.add_argument("command", choices=("all", "status", "report", "latency", "evaluate-one", "samples-one"))
+    parser.add_argument("name", nargs="?", help="evaluate-one, samples-one: the model's name (used by `all`)")
     parser.add_argument("--runs", type=Path, default=None, help=f"where the training runs live (default {RUNS})")
     parser.add_argument("--out", type=Path, default=None, help=f"where the tables and curves go (default {OUT})")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every model trains, is evaluated and timed")
@@ -745,8 +824,11 @@ def main(argv=None) -> int:
         if (s.runs / m.name).is_dir():
             flags = s.train_flags(m)
             write_json(s.runs / m.name / "min_steps.json", int(flags[flags.index("--until-plateau") + 1]))
-    if args.command == "evaluate-one":
-        evaluate_one(next(m for m in MODELS if m.name == args.name), s)
+    if args.command in ("evaluate-one", "samples-one"):
+        one = next((m for m in MODELS if m.name == args.name), None)
+        if one is None or trained(s.runs / one.name) is None:
+            parser.error(f"{args.command} needs the name of a finished model, got {args.name!r}")
+        (evaluate_one if args.command == "evaluate-one" else samples_one)(one, s)
     elif args.command == "status":
         status(models, s)
     elif args.command == "report":

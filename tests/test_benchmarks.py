@@ -185,8 +185,12 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
                                                                  ("CLIP-style, contrastive", "#1"),
                                                                  ("BERT, masked-language modelling", "#1")]
     assert "masked_word_accuracy_novel" in table5["towers"]["bert"]["report"] and table5["towers"]["clip"]["report"]
-    for name in ("curves_step.png", "curves_flops.png"):
+    for name in ("curves_step.png", "curves_flops.png", "samples.png"):
         assert (out / name).stat().st_size > 1000
+    grid = json.loads((runs / "v3-s0" / "grid.json").read_text())  # one picture row per plateau model
+    assert grid["step"] == table3[2]["plateau_step"] and len(grid["passed"]) == len(grid["captions"]) >= 2
+    assert all((runs / "v3-s0" / "grid" / name).is_file() for name in grid["images"])
+    assert "samples.png" in (out / "tables.md").read_text()
     segments = {m: json.loads((runs / m / "segments.json").read_text()) for m in paper_experiments.SMOKE_MODELS}
     assert all(x["exit"] == 0 and x["cpu_s"] > 0 for run in segments.values() for x in run)  # closed when they returned
     capsys.readouterr()
