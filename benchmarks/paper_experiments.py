@@ -76,6 +76,12 @@ class Model:
     def label(self) -> str:
         return {"full": "fully NAR", "ar": "autoregressive"}.get(self.variant, f"#{self.variant}")
 
+    @property
+    def run_label(self) -> str:
+        """The label with what sets this run apart: "#3 cosine-trained, seed 0", "#1, clip tower, seed 0"."""
+        return f"{self.label}{' cosine-trained' if 'cosine' in self.name else ''}" \
+               f"{f', {self.tower} tower' if self.tower else ''}, seed {self.seed}"
+
 
 TABLE6 = tuple((f"T={t}", {"steps": t}) for t in T6_ROUNDS if t != 16)
 LINEAR_INFERENCE = (("linear inference", {"schedule": "linear"}),)
@@ -587,12 +593,11 @@ def draw_curves(s: Settings, models=MODELS) -> None:
         if not curve:
             continue
         flops = (read_json(s.runs / m.name / "accuracy.json") or {}).get("train_flops_per_step")
-        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''}{f', {m.tower} tower' if m.tower else ''}, seed {m.seed}"
-        key = (label, *curve_style(m))
+        key = (m.run_label, *curve_style(m))
         series_step[key] = curve
         if flops:
             series_flops[key] = [(x * flops, y) for x, y in curve]
-        data[label] = {"step_accuracy": curve, "train_flops_per_step": flops}
+        data[m.run_label] = {"step_accuracy": curve, "train_flops_per_step": flops}
     write_json(s.out / "curves.json", data)
     line_plot(series_step, "training step", s.out / "curves_step.png")
     line_plot(series_flops, "training FLOPs", s.out / "curves_flops.png")
@@ -609,9 +614,8 @@ def draw_samples(s: Settings, models=MODELS, scale: int = 2) -> bool:
         grid = read_json(s.runs / m.name / "grid.json")
         if grid is None or grid.get("step") != trained(s.runs / m.name):
             continue
-        label = f"{m.label}{' cosine-trained' if 'cosine' in m.name else ''}{f', {m.tower} tower' if m.tower else ''}, seed {m.seed}"
         images = [Image.open(s.runs / m.name / "grid" / name).convert("RGB") for name in grid["images"]]
-        rows.append((label, images, grid["passed"], grid["captions"]))
+        rows.append((m.run_label, images, grid["passed"], grid["captions"]))
     if not rows:
         return False
     font = ImageFont.load_default(size=13)
