@@ -261,11 +261,17 @@ def evaluate_model(model: Model, s: Settings) -> None:
         return
     if done is not None:  # measured at an earlier stop of a run that has trained on since: kept beside
         os.replace(run / "accuracy.json", run / f"accuracy-step{done.get('step')}.json")
-    command = [sys.executable, str(Path(__file__).resolve()), "evaluate-one", model.name, "--runs", str(s.runs),
-               "--device", s.device, *(["--smoke"] if s.smoke else [])]
-    code, _, _ = run_child(command, run / "evaluate.log")
+    run_subcommand("evaluate-one", model, s, "evaluation")
+
+
+def run_subcommand(command: str, model: Model, s: Settings, what: str) -> None:
+    """`paper_experiments.py COMMAND NAME` in a child process (its memory freed when it exits),
+    its output in the run's evaluate.log; a failure is reported, not raised."""
+    run = s.runs / model.name
+    code, _, _ = run_child([sys.executable, str(Path(__file__).resolve()), command, model.name, "--runs", str(s.runs),
+                            "--device", s.device, *(["--smoke"] if s.smoke else [])], run / "evaluate.log")
     if code != 0:
-        print(f"[paper] {model.name}: evaluation failed ({code}); see {run / 'evaluate.log'}", flush=True)
+        print(f"[paper] {model.name}: {what} failed ({code}); see {run / 'evaluate.log'}", flush=True)
 
 
 def evaluate_one(model: Model, s: Settings) -> None:
@@ -311,13 +317,8 @@ def samples_one(model: Model, s: Settings) -> None:
 def sample_model(model: Model, s: Settings) -> None:
     """grid.json and grid/: the plateau model's sample row for docs/paper/samples.png, drawn once."""
     run = s.runs / model.name
-    if (read_json(run / "grid.json") or {}).get("step") == trained(run):
-        return
-    command = [sys.executable, str(Path(__file__).resolve()), "samples-one", model.name, "--runs", str(s.runs),
-               "--device", s.device, *(["--smoke"] if s.smoke else [])]
-    code, _, _ = run_child(command, run / "evaluate.log")
-    if code != 0:
-        print(f"[paper] {model.name}: drawing its samples failed ({code}); see {run / 'evaluate.log'}", flush=True)
+    if (read_json(run / "grid.json") or {}).get("step") != trained(run):
+        run_subcommand("samples-one", model, s, "drawing its samples")
 
 
 def train_flops(checkpoint: Path) -> int:
@@ -402,10 +403,9 @@ def close_segment(segment: dict, run: Path) -> dict:
     the last metrics.jsonl record it wrote: its time, and the CPU seconds train.py had used."""
     if "finished" in segment:
         return segment
-    start = segment.get("started_at", math.inf)
-    records = [r for r in metrics(run) if isinstance(r.get("time"), (int, float)) and r["time"] >= start]
-    last = records[-1] if records else {"time": start if math.isfinite(start) else 0.0}
-    wall = max(0.0, last["time"] - start) if math.isfinite(start) else 0.0
+    start = segment["started_at"]  # train_model writes it with every open segment
+    last = next((r for r in reversed(metrics(run)) if r.get("time", 0) >= start), {"time": start})
+    wall = last["time"] - start
     finished = datetime.fromtimestamp(last["time"], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return {**segment, "finished": finished, "wall_s": round(wall, 1),
             "cpu_s": round(last.get("cpu_s", wall), 1), "exit": "interrupted",
