@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -393,6 +394,17 @@ def cell(row: dict, split: str) -> str:
     return f"{p:.3f} ± {shapes.standard_error(p, n):.3f}"
 
 
+def level(flat: dict) -> str:
+    """second_half() as a table cell: mean ± standard error (how many evaluations)."""
+    return f"{flat['mean']:.3f} ± {flat['se']:.3f} ({flat['evaluations']})" if flat["se"] is not None else ""
+
+
+def tidy(line: str) -> str:
+    """A pretraining command's last line for the docs: floats to three places, no machine paths."""
+    line = re.sub(r"^wrote \S+: ", "", line)
+    return re.sub(r"\d+\.\d{4,}", lambda m: f"{float(m.group()):.3f}", line)
+
+
 def markdown(columns: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
@@ -446,8 +458,7 @@ def report(s: Settings, models=MODELS) -> str:
             continue
         r, flat = acc["rows"]["T=16"], second_half(s.runs / m.name, acc["step"])
         fmt = lambda key: f"{lat[key]:.4f}" if key in lat else "not measured"  # noqa: E731
-        level = f"{flat['mean']:.3f} ± {flat['se']:.3f} ({flat['evaluations']})" if flat["se"] is not None else ""
-        rows.append([m.label, m.seed, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), level, fmt("b1_T16"),
+        rows.append([m.label, m.seed, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), level(flat), fmt("b1_T16"),
                      fmt("b16_T16"), acc["step"], f"{cost['cpu_s'] / 60:.0f}"])
         json_rows.append({"model": m.label, "seed": m.seed, **r, "second_half": flat, "plateau_step": acc["step"], **cost,
                           "latency_b1_s": lat.get("b1_T16"), "latency_b16_s": lat.get("b16_T16"),
@@ -461,6 +472,9 @@ def report(s: Settings, models=MODELS) -> str:
                     "pixels.\n\n" + markdown(
                         ["model", "seed", "seen", "novel", "all", "second half", "s/image, batch 1",
                          "s/image, batch 16", "plateau step", "CPU-minutes"], rows))
+
+    tables["seeds"], text = seeds_section(state, s)
+    sections.append(text)
 
     rows, json_rows = [], []
     for name, train in (("v3-s0", "linear"), ("v3-cosine-s0", "cosine")):
@@ -500,17 +514,21 @@ def report(s: Settings, models=MODELS) -> str:
         for name in names:
             acc, label = state.get(name), "#1" if name.startswith("v1") else "autoregressive"
             if acc is None:
-                rows.append([tower, label, "not finished", "", "", ""])
+                rows.append([tower, label, "not finished", "", "", "", "", ""])
                 continue
-            r = acc["rows"]["T=16"]
-            rows.append([tower, label, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), acc["step"]])
-            json_rows.append({"tower": tower, "model": label, **r, "plateau_step": acc["step"]})
+            r, flat, cost = acc["rows"]["T=16"], second_half(s.runs / name, acc["step"]), run_cost(s.runs / name)
+            rows.append([tower, label, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), level(flat), acc["step"],
+                         f"{cost['cpu_s'] / 60:.0f}"])
+            json_rows.append({"tower": tower, "model": label, **r, "second_half": flat, "plateau_step": acc["step"],
+                              **cost})
     towers = {name: read_json(s.runs / "towers" / f"{name}.json") for name in TOWERS}
     tables["table5"] = {"rows": json_rows, "towers": towers}
-    pretraining = "; ".join(f"{name}: {t['report']}" for name, t in towers.items() if t) or "not pretrained yet"
+    pretraining = "; ".join(f"{name}: {tidy(t['report'])}" for name, t in towers.items() if t) or "not pretrained yet"
     sections.append("## Table 5: the text tower\n\nThe same 3-layer, width-128 text tower, initialised three ways "
-                    "(the random row is Table 3's seed 0), then trained with the decoder. T = 16 for #1.\n\n" +
-                    markdown(["text tower", "model", "seen", "novel", "all", "plateau step"], rows) +
+                    "(the random row is Table 3's seed 0), then trained with the decoder. T = 16 for #1; \"second "
+                    "half\" as in Table 3.\n\n" +
+                    markdown(["text tower", "model", "seen", "novel", "all", "second half", "plateau step",
+                              "CPU-minutes"], rows) +
                     f"\n\nPretraining (`clip_image.py train-shapes --text-size emage`, `bert_text.py train-shapes`): "
                     f"{pretraining}.")
 
@@ -531,6 +549,36 @@ def report(s: Settings, models=MODELS) -> str:
              if pictured else ""))
     write_text(s.out / "tables.md", text)
     return text
+
+
+def seeds_section(state: dict, s: Settings) -> tuple[dict, str]:
+    """Table 3's claims under both seeds: each seed's accuracy, and the gaps #3 - #1 and AR - #3
+    seed by seed, in the table's own evaluation and in the second-half means."""
+    runs = {"#1": "v1", "#3": "v3", "autoregressive": "ar"}
+    result, rows = {}, []
+    for label, prefix in runs.items():
+        for seed in range(2):
+            name = f"{prefix}-s{seed}"
+            acc = state.get(name)
+            if acc is not None:
+                result.setdefault(label, {})[seed] = {"all": acc["rows"]["T=16"]["all"]["accuracy"],
+                                                      "second_half": second_half(s.runs / name, acc["step"])["mean"]}
+        per_seed = result.get(label, {})
+        cells = [f"{per_seed[seed]['all']:.3f} / {per_seed[seed]['second_half']:.3f}" if seed in per_seed
+                 else "not finished" for seed in range(2)]
+        both = [per_seed[seed]["second_half"] for seed in range(2) if seed in per_seed]
+        rows.append([label, *cells, f"{statistics.fmean(both):.3f}" if len(both) == 2 else ""])
+    gaps = []
+    for high, low in (("#3", "#1"), ("autoregressive", "#3")):
+        for seed in range(2):
+            a, b = result.get(high, {}).get(seed), result.get(low, {}).get(seed)
+            if a and b:
+                gaps.append(f"{high} - {low}, seed {seed}: {a['all'] - b['all']:+.3f} "
+                            f"(second halves {a['second_half'] - b['second_half']:+.3f})")
+    text = ("## Table 3 under two seeds\n\nAccuracy of all 480 pairs / mean of the second half's training "
+            "evaluations, per seed.\n\n" + markdown(["model", "seed 0", "seed 1", "mean of the second halves"], rows) +
+            ("\n\n" + "; ".join(gaps) + "." if gaps else ""))
+    return result, text
 
 
 def against_cached_ar(state: dict, per_image: dict) -> dict:

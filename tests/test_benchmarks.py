@@ -281,3 +281,24 @@ def test_paper_suite_second_half_averages_the_evaluations_the_stopping_rule_judg
     assert flat["se"] == pytest.approx(0.1 / np.sqrt(3))
     assert paper_experiments.second_half(run, 500)["mean"] == pytest.approx(0.9)
     assert paper_experiments.second_half(run, 500)["se"] is None
+
+
+def test_paper_suite_compares_the_variants_seed_by_seed(tmp_path):
+    """Table 3 under two seeds: the gaps #3 - #1 and AR - #3 are taken within a seed, and a
+    seed not finished leaves its cell and its gaps out rather than counting as zero."""
+    from benchmarks import paper_experiments
+
+    s = paper_experiments.Settings(runs=tmp_path, out=tmp_path / "docs")
+    state = {}
+    for name, level in {"v1-s0": 0.1, "v3-s0": 0.3, "ar-s0": 0.35, "v1-s1": 0.2, "v3-s1": 0.25}.items():
+        (tmp_path / name).mkdir()
+        records = [{"step": step, "accuracy_all": level + delta} for step, delta in ((1000, 0.5), (1500, 0.0), (2000, 0.02))]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        state[name] = {"step": 2000, "rows": {"T=16": {"all": {"accuracy": level, "count": 480}}}}
+    result, text = paper_experiments.seeds_section(state, s)
+    assert result["#3"][1]["all"] == 0.25 and result["#3"][1]["second_half"] == pytest.approx(0.26)
+    assert "#3 - #1, seed 0: +0.200" in text and "#3 - #1, seed 1: +0.050" in text
+    assert "autoregressive - #3, seed 0: +0.050" in text and "autoregressive - #3, seed 1" not in text
+    assert "| #3 | 0.300 / 0.310 | 0.250 / 0.260 | 0.285 |" in text
+    line = "wrote /some/where/towers/clip: retrieval_top1 0.23333333432674408, steps 1000, lr 0.003"
+    assert paper_experiments.tidy(line) == "retrieval_top1 0.233, steps 1000, lr 0.003"
