@@ -12,7 +12,8 @@ Tables (docs/paper/tables.md, each also as JSON):
   demo's colour x pattern codes, so each has extensions.py's colour-factored embedding and head
   (train.py sets `colours` from that tokenizer). Seen and novel accuracy at T = 16, one
   candidate, no re-ranking, with standard errors; latency per image at batch 1 and 16; the
-  steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds.
+  steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds, and
+  the gaps between them are compared seed by seed.
 - Section 4.7: linear against cosine masking, in training and at inference.
 - Table 6: T in {1, 2, 4, 8, 16, 32} for the plateau #3 and #1 models, timed at batch 1 and
   16; and #3 at each T against the cached autoregressive loop at batch 16: is any T as
