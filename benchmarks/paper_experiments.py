@@ -544,7 +544,10 @@ def report(s: Settings, models=MODELS) -> str:
     pictured = draw_samples(s, models)
     text = ("# The paper's experiments at their plateau\n\nWritten by `python benchmarks/paper_experiments.py all`; "
             "see docs/results.md for the reading of these numbers.\n\n" + "\n\n".join(sections) +
-            "\n\n![accuracy against step](curves_step.png)\n\n![accuracy against training FLOPs](curves_flops.png)\n" +
+            "\n\n## Learning curves\n\nTable 3's runs:\n\n![accuracy against step](curves_step.png)\n\n"
+            "![accuracy against training FLOPs](curves_flops.png)\n\nSection 4.7's cosine-trained #3 and Table 5's "
+            "pretrained towers, beside the seed-0 runs they are compared with:\n\n"
+            "![accuracy against step, Section 4.7 and Table 5](curves_towers.png)\n" +
             ("\n## What the plateau models draw\n\nOne image per caption (seed 0, T = 16, temperature 0.7); a green "
              "frame passed `shapes.score`, a red one failed.\n\n![samples of every plateau model](samples.png)\n"
              if pictured else ""))
@@ -621,8 +624,9 @@ def batch16_section(result: dict) -> str:
 
 
 def draw_curves(s: Settings, models=MODELS) -> None:
-    """Accuracy of the training evaluations against step and against training FLOPs: curves.json
-    and two PIL line plots."""
+    """Accuracy of the training evaluations: curves.json; Table 3's runs against step and against
+    training FLOPs; Section 4.7's and Table 5's runs against step beside their seed-0 references
+    (one plot of thirteen lines would hide them all)."""
     series_step, series_flops, data = {}, {}, {}
     for m in models:
         curve = [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
@@ -635,8 +639,13 @@ def draw_curves(s: Settings, models=MODELS) -> None:
             series_flops[key] = [(x * flops, y) for x, y in curve]
         data[m.run_label] = {"step_accuracy": curve, "train_flops_per_step": flops}
     write_json(s.out / "curves.json", data)
-    paper_figures.line_plot(series_step, "training step", s.out / "curves_step.png")
-    paper_figures.line_plot(series_flops, "training FLOPs", s.out / "curves_flops.png")
+    by_label = {m.run_label: m for m in models}
+    table3 = lambda series: {k: v for k, v in series.items() if run_kind(by_label[k[0]]).startswith("seed")}  # noqa: E731
+    others = {k: v for k, v in series_step.items() if not run_kind(by_label[k[0]]).startswith("seed")
+              or (by_label[k[0]].seed == 0 and by_label[k[0]].variant in ("1", "3", "ar"))}
+    paper_figures.line_plot(table3(series_step), "training step", s.out / "curves_step.png")
+    paper_figures.line_plot(table3(series_flops), "training FLOPs", s.out / "curves_flops.png")
+    paper_figures.line_plot(others, "training step", s.out / "curves_towers.png")
 
 
 def draw_samples(s: Settings, models=MODELS) -> bool:

@@ -185,7 +185,7 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
                                                                  ("CLIP-style, contrastive", "#1"),
                                                                  ("BERT, masked-language modelling", "#1")]
     assert "masked_word_accuracy_novel" in table5["towers"]["bert"]["report"] and table5["towers"]["clip"]["report"]
-    for name in ("curves_step.png", "curves_flops.png", "samples.png"):
+    for name in ("curves_step.png", "curves_flops.png", "curves_towers.png", "samples.png"):
         assert (out / name).stat().st_size > 1000
     grid = json.loads((runs / "v3-s0" / "grid.json").read_text())  # one picture row per plateau model
     assert grid["step"] == table3[2]["plateau_step"] and len(grid["passed"]) == len(grid["captions"]) >= 2
