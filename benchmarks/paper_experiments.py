@@ -5,6 +5,7 @@
     python benchmarks/paper_experiments.py report           # rewrite docs/paper/ from the finished runs
     python benchmarks/paper_experiments.py latency          # time the evaluated models now (nothing else running)
     python benchmarks/paper_experiments.py latency --started --only v3-s0 --only ar-s0   # also runs still training
+    python benchmarks/paper_experiments.py matched --curves A/curves.json --curves B/curves.json   # Table 3 over matched steps
 
 Tables (docs/paper/tables.md, each also as JSON):
 - Table 3: fully NAR, #1, #2, #3 and the autoregressive baseline, trained with the paper's losses
@@ -74,6 +75,7 @@ class Model:
     sets: tuple[str, ...] = ()
     evals: tuple[tuple[str, dict], ...] = ()  # extra evaluations beyond T = 16 (label, generate options)
     tower: str | None = None  # Table 5: the text tower starts from "clip" or "bert" (TOWERS), None: random
+    to_cap: bool = False  # trained to the 16,000-step cap whatever the stopping rule says (a fixed budget)
 
     @property
     def label(self) -> str:
@@ -83,7 +85,7 @@ class Model:
     def run_label(self) -> str:
         """The label with what sets this run apart: "#3 cosine-trained, seed 0", "#1, clip tower, seed 0"."""
         return f"{self.label}{' cosine-trained' if 'cosine' in self.name else ''}" \
-               f"{f', {self.tower} tower' if self.tower else ''}, seed {self.seed}"
+               f"{f', {self.tower} tower' if self.tower else ''}, seed {self.seed}{', to the cap' if self.to_cap else ''}"
 
 
 TABLE6 = tuple((f"T={t}", {"steps": t}) for t in T6_ROUNDS if t != 16)
@@ -103,6 +105,9 @@ MODELS = (
     Model("v1-s1", "1", seed=1),
     Model("v3-s1", "3", seed=1),
     Model("ar-s1", "ar", seed=1),
+    # The two seed-1 runs the rule stopped before the cap, trained again to it: did they stop too early?
+    Model("v1-s1-cap", "1", seed=1, to_cap=True),
+    Model("ar-s1-cap", "ar", seed=1, to_cap=True),
 )
 SMOKE_MODELS = ("full-s0", "v1-s0", "v3-s0", "ar-s0", "v1-clip", "v1-bert")
 # Table 5's pretrained text towers, all of the Table-3 tower's size (3 layers of width 128, 24
@@ -133,7 +138,8 @@ class Settings:
             budget = ["--steps", "6", "--eval-every", "2", "--until-plateau", "2", "--eval-captions", "8",
                       "--shapes-examples", "96", "--shapes-cache", str(self.runs / "tokens")]
         else:
-            budget = ["--steps", "16000", "--eval-every", "500", "--until-plateau", "8000", "--eval-captions", "240",
+            budget = ["--steps", "16000", "--eval-every", "500", "--until-plateau", "16000" if model.to_cap else "8000",
+                      "--eval-captions", "240",
                       "--shapes-examples", "60000", "--shapes-cache", str(ROOT / "data" / "shapes-patterns-60k")]
         return ["--recipe", "none", "--variant", model.variant, "--seed", str(model.seed), "--batch-size", "32",
                 "--lr", "1e-3", "--lr-schedule", "constant", "--eval-temperature", str(TEMPERATURE), "--keep", "2",
@@ -451,17 +457,17 @@ def report(s: Settings, models=MODELS) -> str:
 
     rows, json_rows = [], []
     for m in models:
-        if m.tower or "cosine" in m.name:  # Table 5's and Section 4.7's own models
+        if not in_table3(m):  # Table 5's and Section 4.7's own models
             continue
         acc, cost, lat = state[m.name], run_cost(s.runs / m.name), per_image.get(m.name, {})
         if acc is None:
-            rows.append([m.label, m.seed, "not finished", "", "", "", "", "", "", ""])
+            rows.append([m.label, seed_cell(m), "not finished", "", "", "", "", "", "", ""])
             continue
         r, flat = acc["rows"]["T=16"], second_half(s.runs / m.name, acc["step"])
         fmt = lambda key: f"{lat[key]:.4f}" if key in lat else "not measured"  # noqa: E731
-        rows.append([m.label, m.seed, cell(r, "seen"), cell(r, "novel"), cell(r, "all"), level(flat), fmt("b1_T16"),
+        rows.append([m.label, seed_cell(m), cell(r, "seen"), cell(r, "novel"), cell(r, "all"), level(flat), fmt("b1_T16"),
                      fmt("b16_T16"), acc["step"], f"{cost['cpu_s'] / 60:.0f}"])
-        json_rows.append({"model": m.label, "seed": m.seed, **r, "second_half": flat, "plateau_step": acc["step"], **cost,
+        json_rows.append({"model": m.label, "seed": m.seed, "to_cap": m.to_cap, **r, "second_half": flat, "plateau_step": acc["step"], **cost,
                           "latency_b1_s": lat.get("b1_T16"), "latency_b16_s": lat.get("b16_T16"),
                           "train_flops_per_step": acc["train_flops_per_step"]})
     tables["table3"] = json_rows
@@ -476,6 +482,10 @@ def report(s: Settings, models=MODELS) -> str:
 
     tables["seeds"], text = seeds_section(state, s)
     sections.append(text)
+    tables["matched"] = matched_steps({m.run_label: [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name)
+                                                     if "accuracy_all" in r] for m in models
+                                       if in_table3(m) and state[m.name] is not None})
+    sections.append(matched_section(tables["matched"]))
 
     rows, json_rows = [], []
     for name, train in (("v3-s0", "linear"), ("v3-cosine-s0", "cosine")):
@@ -555,6 +565,10 @@ def report(s: Settings, models=MODELS) -> str:
     return text
 
 
+def seed_cell(m: Model) -> str:
+    return f"{m.seed}, to the cap" if m.to_cap else str(m.seed)
+
+
 def seeds_section(state: dict, s: Settings) -> tuple[dict, str]:
     """Table 3's claims under both seeds: each seed's accuracy, and the gaps #3 - #1 and AR - #3
     seed by seed, in the table's own evaluation and in the second-half means."""
@@ -583,6 +597,54 @@ def seeds_section(state: dict, s: Settings) -> tuple[dict, str]:
             "evaluations, per seed.\n\n" + markdown(["model", "seed 0", "seed 1", "mean of the second halves"], rows) +
             ("\n\n" + "; ".join(gaps) + "." if gaps else ""))
     return result, text
+
+
+# Step windows every Table 3 run is read over: from half the fewest steps to them, then the two
+# quarters of the cap beyond. A run that stopped before a window's end leaves that cell empty.
+WINDOWS = ((4500, 8000), (8500, 12000), (12500, 16000))
+
+
+def matched_steps(curves: dict[str, list]) -> dict:
+    """Each run's training evaluations averaged over the same WINDOWS of steps: {label: [mean,
+    standard error of that mean, how many] or None per window}. Unlike a run's last checkpoint or
+    its second half, the steps compared do not depend on where the stopping rule ended it."""
+    result = {}
+    for label, points in curves.items():
+        last, cells = max(step for step, _ in points), []
+        for low, high in WINDOWS:
+            values = [a for step, a in points if low <= step <= high]
+            covered = last >= high and len(values) > 1
+            cells.append([statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)), len(values)]
+                         if covered else None)
+        result[label] = cells
+    return result
+
+
+def matched_section(result: dict) -> str:
+    rows = [[label, *(f"{c[0]:.3f} ± {c[1]:.3f} ({c[2]})" if c else "" for c in cells)] for label, cells in result.items()]
+    return ("## Table 3 over matched steps\n\nThe training evaluations (240 captions, one image each, T = 16) "
+            "averaged over the same steps for every run, ± the standard error of that mean (how many): the steps "
+            "compared do not depend on where the stopping rule ended a run. Empty: the run stopped before the "
+            "window's end.\n\n" + markdown(["run", *(f"steps {a:,}-{b:,}" for a, b in WINDOWS)], rows))
+
+
+def matched_from_files(paths: list[Path], s: Settings) -> str:
+    """`matched`: the matched-steps table of Table 3's runs from curves.json files that reports
+    wrote (for example one of the whole suite and one of runs added later with --only and --out),
+    into matched.json and matched.md."""
+    table3 = [m.run_label for m in MODELS if in_table3(m)]
+    curves = {}
+    for path in paths:
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise SystemExit(f"error: {path} is not a curves.json that `report` wrote; pass one with --curves")
+        curves.update({label: [tuple(x) for x in run["step_accuracy"]] for label, run in data.items() if label in table3})
+    result = matched_steps({label: curves[label] for label in table3 if label in curves})
+    text = matched_section(result) + "\n\nFrom " + ", ".join(str(p) for p in paths) + ".\n"
+    s.out.mkdir(parents=True, exist_ok=True)
+    write_json(s.out / "matched.json", result)
+    write_text(s.out / "matched.md", text)
+    return text
 
 
 def against_cached_ar(state: dict, per_image: dict) -> dict:
@@ -640,8 +702,8 @@ def draw_curves(s: Settings, models=MODELS) -> None:
         data[m.run_label] = {"step_accuracy": curve, "train_flops_per_step": flops}
     write_json(s.out / "curves.json", data)
     by_label = {m.run_label: m for m in models}
-    table3 = lambda series: {k: v for k, v in series.items() if run_kind(by_label[k[0]]).startswith("seed")}  # noqa: E731
-    others = {k: v for k, v in series_step.items() if not run_kind(by_label[k[0]]).startswith("seed")
+    table3 = lambda series: {k: v for k, v in series.items() if in_table3(by_label[k[0]])}  # noqa: E731
+    others = {k: v for k, v in series_step.items() if not in_table3(by_label[k[0]])
               or (by_label[k[0]].seed == 0 and by_label[k[0]].variant in ("1", "3", "ar"))}
     paper_figures.line_plot(table3(series_step), "training step", s.out / "curves_step.png")
     paper_figures.line_plot(table3(series_flops), "training FLOPs", s.out / "curves_flops.png")
@@ -668,7 +730,11 @@ def draw_samples(s: Settings, models=MODELS) -> bool:
 
 def run_kind(m: Model) -> str:
     """What sets a run apart within its variant, for its curve's style (paper_figures.STYLES)."""
-    return m.tower or ("cosine" if "cosine" in m.name else f"seed {m.seed}")
+    return m.tower or ("cosine" if "cosine" in m.name else "to the cap" if m.to_cap else f"seed {m.seed}")
+
+
+def in_table3(m: Model) -> bool:
+    return not m.tower and "cosine" not in m.name
 
 
 # ----------------------------------------------------------------------------------------
@@ -766,7 +832,7 @@ def time_finished(models, s: Settings, started: bool = False) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("all", "status", "report", "latency", "evaluate-one", "samples-one"))
+    parser.add_argument("command", choices=("all", "status", "report", "latency", "matched", "evaluate-one", "samples-one"))
     parser.add_argument("name", nargs="?", help="evaluate-one, samples-one: the model's name (used by `all`)")
     parser.add_argument("--runs", type=Path, default=None, help=f"where the training runs live (default {RUNS})")
     parser.add_argument("--out", type=Path, default=None, help=f"where the tables and curves go (default {OUT})")
@@ -776,6 +842,9 @@ def main(argv=None) -> int:
                         help="run only these models (repeatable): " + ", ".join(m.name for m in MODELS))
     parser.add_argument("--started", action="store_true",
                         help="latency: also time models still training, at their latest checkpoint")
+    parser.add_argument("--curves", action="append", type=Path, default=[], metavar="CURVES_JSON",
+                        help="matched: the curves.json files of earlier reports to read (repeatable; default the "
+                             "--out folder's)")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps of six models on 96 examples and 8 captions: checks the machinery, not the paper")
     args = parser.parse_args(argv)
@@ -804,6 +873,8 @@ def main(argv=None) -> int:
         status(models, s)
     elif args.command == "report":
         print(report(s, models))
+    elif args.command == "matched":
+        print(matched_from_files(args.curves or [s.out / "curves.json"], s))
     elif args.command == "latency":  # meant for a machine with nothing else running
         time_finished(models, s, started=args.started)
         print(report(s, models))

@@ -12,7 +12,7 @@ import shapes
 COLOURS = {"full": (128, 128, 128), "1": (31, 119, 180), "2": (44, 160, 44), "3": (214, 39, 40), "ar": (148, 103, 189)}
 # How a curve is drawn besides its variant's colour: (dash pattern in pixels, None = solid; how
 # far its colour is lightened towards white). Table 3's seed 0 is solid, the rest tell themselves apart.
-STYLES = {"seed 0": (None, 0.0), "seed 1": ((9, 5), 0.0), "cosine": ((3, 4), 0.0),
+STYLES = {"seed 0": (None, 0.0), "seed 1": ((9, 5), 0.0), "to the cap": ((2, 3), 0.3), "cosine": ((3, 4), 0.0),
           "clip": ((9, 5), 0.45), "bert": ((3, 4), 0.45)}
 
 

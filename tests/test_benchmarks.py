@@ -191,6 +191,9 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
     assert grid["step"] == table3[2]["plateau_step"] and len(grid["passed"]) == len(grid["captions"]) >= 2
     assert all((runs / "v3-s0" / "grid" / name).is_file() for name in grid["images"])
     assert "samples.png" in (out / "tables.md").read_text()
+    matched = json.loads((out / "matched.json").read_text())
+    assert list(matched) == ["fully NAR, seed 0", "#1, seed 0", "#3, seed 0", "autoregressive, seed 0"]
+    assert all(cell is None for cells in matched.values() for cell in cells)  # six steps reach no window
     segments = {m: json.loads((runs / m / "segments.json").read_text()) for m in paper_experiments.SMOKE_MODELS}
     assert all(x["exit"] == 0 and x["cpu_s"] > 0 for run in segments.values() for x in run)  # closed when they returned
     capsys.readouterr()
@@ -302,3 +305,30 @@ def test_paper_suite_compares_the_variants_seed_by_seed(tmp_path):
     assert "| #3 | 0.300 / 0.310 | 0.250 / 0.260 | 0.285 |" in text
     line = "wrote /some/where/towers/clip: retrieval_top1 0.23333333432674408, steps 1000, lr 0.003"
     assert paper_experiments.tidy(line) == "retrieval_top1 0.233, steps 1000, lr 0.003"
+
+
+def test_paper_suite_reads_every_run_over_the_same_steps_and_leaves_out_windows_a_run_stopped_in(tmp_path):
+    """Table 3 over matched steps: a window is averaged only for runs whose evaluations reached
+    its end, and `matched` merges the curves of two reports into matched.json and matched.md."""
+    from benchmarks import paper_experiments
+
+    long_run = [(step, 0.2 if step <= 8000 else 0.4) for step in range(500, 16001, 500)]
+    short_run = [(step, 0.1 + (step % 1000) / 10000) for step in range(500, 11001, 500)]
+    result = paper_experiments.matched_steps({"a": long_run, "b": short_run})
+    assert result["a"][0][0] == pytest.approx(0.2) and result["a"][1][0] == pytest.approx(0.4)
+    assert result["a"][0][1] == pytest.approx(0.0) and [c[2] for c in result["a"]] == [8, 8, 8]
+    assert result["b"][0][0] == pytest.approx(0.125) and result["b"][0][1] > 0
+    assert result["b"][1] is None and result["b"][2] is None  # stopped at 11,000, before 12,000
+    for name, curves in (("one", {"#3, seed 1": long_run}), ("two", {"#1, seed 1, to the cap": short_run,
+                                                                     "#1, clip tower, seed 0": long_run})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "curves.json").write_text(json.dumps({k: {"step_accuracy": v} for k, v in curves.items()}))
+    out = tmp_path / "out"
+    assert paper_experiments.main(["matched", "--curves", str(tmp_path / "one" / "curves.json"),
+                                   "--curves", str(tmp_path / "two" / "curves.json"), "--out", str(out)]) == 0
+    merged = json.loads((out / "matched.json").read_text())
+    assert list(merged) == ["#3, seed 1", "#1, seed 1, to the cap"]  # Table 3's runs only, in the suite's order
+    assert "| #3, seed 1 | 0.200 ± 0.000 (8) | 0.400 ± 0.000 (8) |" in (out / "matched.md").read_text()
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a curves.json"):
+        paper_experiments.main(["matched", "--curves", str(tmp_path / "bad.json"), "--out", str(out)])
