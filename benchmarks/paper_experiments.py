@@ -631,8 +631,9 @@ def matched_section(result: dict) -> str:
 def matched_from_files(paths: list[Path], s: Settings) -> str:
     """`matched`: the matched-steps table of Table 3's runs from curves.json files that reports
     wrote (for example one of the whole suite and one of runs added later with --only and --out),
-    into matched.json and matched.md."""
-    table3 = [m.run_label for m in MODELS if in_table3(m)]
+    into matched.json and matched.md, and their curves together in matched_curves.png."""
+    by_label = {m.run_label: m for m in MODELS if in_table3(m)}
+    table3 = list(by_label)
     curves = {}
     for path in paths:
         data = read_json(path)
@@ -640,10 +641,13 @@ def matched_from_files(paths: list[Path], s: Settings) -> str:
             raise SystemExit(f"error: {path} is not a curves.json that `report` wrote; pass one with --curves")
         curves.update({label: [tuple(x) for x in run["step_accuracy"]] for label, run in data.items() if label in table3})
     result = matched_steps({label: curves[label] for label in table3 if label in curves})
-    text = matched_section(result) + "\n\nFrom " + ", ".join(str(p) for p in paths) + ".\n"
+    text = (matched_section(result) + "\n\nFrom " + ", ".join(str(p) for p in paths) +
+            ".\n\n![the curves of these runs](matched_curves.png)\n")
     s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "matched.json", result)
     write_text(s.out / "matched.md", text)
+    paper_figures.line_plot({(label, *paper_figures.curve_style(by_label[label].variant, run_kind(by_label[label]))):
+                             curves[label] for label in result}, "training step", s.out / "matched_curves.png")
     return text
 
 

@@ -329,6 +329,7 @@ def test_paper_suite_reads_every_run_over_the_same_steps_and_leaves_out_windows_
     merged = json.loads((out / "matched.json").read_text())
     assert list(merged) == ["#3, seed 1", "#1, seed 1, to the cap"]  # Table 3's runs only, in the suite's order
     assert "| #3, seed 1 | 0.200 ± 0.000 (8) | 0.400 ± 0.000 (8) |" in (out / "matched.md").read_text()
+    assert (out / "matched_curves.png").stat().st_size > 1000
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a curves.json"):
         paper_experiments.main(["matched", "--curves", str(tmp_path / "bad.json"), "--out", str(out)])
