@@ -449,12 +449,62 @@ def run_cost(run: Path) -> dict:
 
 
 def report(s: Settings, models=MODELS) -> str:
-    """docs/paper/: tables.md, one JSON per table, and the learning curves."""
+    """docs/paper/: tables.md, one JSON per table, and the learning curves. A table none of whose
+    runs is among `models` (as with --only) is left out; one whose runs are not finished says so."""
     latency = read_json(s.out / "latency.json", {}) or {}
     per_image = latency.get("seconds_per_image", {})
     state = {m.name: current_accuracy(s.runs / m.name) for m in models}
+    names = set(state)
     sections, tables = [], {}
 
+    def add(key: str, built: tuple[object, str]) -> None:
+        tables[key] = built[0]
+        sections.append(built[1])
+
+    if any(in_table3(m) for m in models):
+        add("table3", table3_section(models, state, per_image, s))
+        add("matched", (lambda result: (result, matched_section(result)))(matched_steps(
+            {m.run_label: [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
+             for m in models if in_table3(m) and state[m.name] is not None})))
+    if names & {"v1-s1", "v3-s1", "ar-s1"}:
+        add("seeds", seeds_section(state, s))
+    if names & {"v3-s0", "v3-cosine-s0"}:
+        add("schedules", schedules_section(state))
+    if names & {"v3-s0", "v1-s0"}:
+        add("table6", table6_section(state, per_image))
+        add("batch16", (lambda result: (result, batch16_section(result)))(against_cached_ar(state, per_image)))
+    if any(m.tower for m in models):
+        add("table5", table5_section(state, s))
+
+    ran = [[m.name, "; ".join(run_cost(s.runs / m.name)["ran"]) or "not started"] for m in models]
+    sections.append("## When each part ran\n\n" + markdown(["run", "training segments"], ran) +
+                    (f"\n\nLatency measured {latency['measured']} ({latency['repeats']} repeats, medians, "
+                     f"interleaved, nothing else running)." if latency else ""))
+    s.out.mkdir(parents=True, exist_ok=True)
+    for name, value in tables.items():
+        write_json(s.out / f"{name}.json", value)
+    drawn = draw_curves(s, models)
+    pictured = draw_samples(s, models)
+    curves = [("Table 3's runs", ["curves_step.png", "curves_flops.png"]),
+              ("Section 4.7's cosine-trained #3 and Table 5's pretrained towers, beside the seed-0 runs they are "
+               "compared with", ["curves_towers.png"])]
+    text = ("# The paper's experiments at their plateau\n\nWritten by `python benchmarks/paper_experiments.py all`; "
+            "see docs/results.md for the reading of these numbers.\n\n" + "\n\n".join(sections) +
+            "\n\n## Learning curves\n" +
+            "".join(f"\n{what}:\n\n" + "\n\n".join(f"![{CURVE_PICTURES[f]}]({f})" for f in files if f in drawn) + "\n"
+                    for what, files in curves if set(files) & drawn) +
+            ("\n## What the plateau models draw\n\nOne image per caption (seed 0, T = 16, temperature 0.7); a green "
+             "frame passed `shapes.score`, a red one failed.\n\n![samples of every plateau model](samples.png)\n"
+             if pictured else ""))
+    write_text(s.out / "tables.md", text)
+    return text
+
+
+CURVE_PICTURES = {"curves_step.png": "accuracy against step", "curves_flops.png": "accuracy against training FLOPs",
+                  "curves_towers.png": "accuracy against step, Section 4.7 and Table 5"}
+
+
+def table3_section(models, state: dict, per_image: dict, s: Settings) -> tuple[list, str]:
     rows, json_rows = [], []
     for m in models:
         if not in_table3(m):  # Table 5's and Section 4.7's own models
@@ -467,26 +517,20 @@ def report(s: Settings, models=MODELS) -> str:
         fmt = lambda key: f"{lat[key]:.4f}" if key in lat else "not measured"  # noqa: E731
         rows.append([m.label, seed_cell(m), cell(r, "seen"), cell(r, "novel"), cell(r, "all"), level(flat), fmt("b1_T16"),
                      fmt("b16_T16"), acc["step"], f"{cost['cpu_s'] / 60:.0f}"])
-        json_rows.append({"model": m.label, "seed": m.seed, "to_cap": m.to_cap, **r, "second_half": flat, "plateau_step": acc["step"], **cost,
-                          "latency_b1_s": lat.get("b1_T16"), "latency_b16_s": lat.get("b16_T16"),
-                          "train_flops_per_step": acc["train_flops_per_step"]})
-    tables["table3"] = json_rows
-    sections.append("## Table 3: the variants at their plateau\n\nT = 16 rounds (the autoregressive model: one "
-                    "step per token), temperature 0.7, one candidate, no re-ranking; accuracy ± one standard error "
-                    "over the (caption, seed) pairs of the last checkpoint; \"second half\": the mean of the training "
-                    "evaluations after half the plateau step (240 captions each) ± the standard error of that mean "
-                    "(how many), a level less tied to one checkpoint; latency in seconds per image, caption to "
-                    "pixels.\n\n" + markdown(
-                        ["model", "seed", "seen", "novel", "all", "second half", "s/image, batch 1",
-                         "s/image, batch 16", "plateau step", "CPU-minutes"], rows))
+        json_rows.append({"model": m.label, "seed": m.seed, "to_cap": m.to_cap, **r, "second_half": flat,
+                          "plateau_step": acc["step"], **cost, "latency_b1_s": lat.get("b1_T16"),
+                          "latency_b16_s": lat.get("b16_T16"), "train_flops_per_step": acc["train_flops_per_step"]})
+    return json_rows, ("## Table 3: the variants at their plateau\n\nT = 16 rounds (the autoregressive model: one "
+                       "step per token), temperature 0.7, one candidate, no re-ranking; accuracy ± one standard error "
+                       "over the (caption, seed) pairs of the last checkpoint; \"second half\": the mean of the "
+                       "training evaluations after half the plateau step (240 captions each) ± the standard error of "
+                       "that mean (how many), a level less tied to one checkpoint; latency in seconds per image, "
+                       "caption to pixels.\n\n" +
+                       markdown(["model", "seed", "seen", "novel", "all", "second half", "s/image, batch 1",
+                                 "s/image, batch 16", "plateau step", "CPU-minutes"], rows))
 
-    tables["seeds"], text = seeds_section(state, s)
-    sections.append(text)
-    tables["matched"] = matched_steps({m.run_label: [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name)
-                                                     if "accuracy_all" in r] for m in models
-                                       if in_table3(m) and state[m.name] is not None})
-    sections.append(matched_section(tables["matched"]))
 
+def schedules_section(state: dict) -> tuple[list, str]:
     rows, json_rows = [], []
     for name, train in (("v3-s0", "linear"), ("v3-cosine-s0", "cosine")):
         acc = state.get(name)
@@ -497,10 +541,11 @@ def report(s: Settings, models=MODELS) -> str:
             r = acc["rows"][label]
             rows.append([train, inference, cell(r, "seen"), cell(r, "novel"), cell(r, "all")])
             json_rows.append({"train": train, "inference": inference, **r})
-    tables["schedules"] = json_rows
-    sections.append("## Section 4.7: linear and cosine masking\n\n#3, seed 0, T = 16.\n\n" +
-                    markdown(["training", "inference", "seen", "novel", "all"], rows))
+    return json_rows, ("## Section 4.7: linear and cosine masking\n\n#3, seed 0, T = 16.\n\n" +
+                       markdown(["training", "inference", "seen", "novel", "all"], rows))
 
+
+def table6_section(state: dict, per_image: dict) -> tuple[list, str]:
     rows, json_rows = [], []
     for name in ("v3-s0", "v1-s0"):
         acc, lat = state.get(name), per_image.get(name, {})
@@ -514,11 +559,11 @@ def report(s: Settings, models=MODELS) -> str:
             rows.append([f"#{name[1]}", t, cell(r, "seen"), cell(r, "novel"), cell(r, "all"),
                          f"{b1:.4f}" if b1 else "not measured", f"{b16:.4f}" if b16 else "not measured"])
             json_rows.append({"model": f"#{name[1]}", "T": t, **r, "latency_b1_s": b1, "latency_b16_s": b16})
-    tables["table6"] = json_rows
-    sections.append("## Table 6: rounds T\n\nThe plateau models of Table 3, seed 0.\n\n" +
-                    markdown(["model", "T", "seen", "novel", "all", "s/image, batch 1", "s/image, batch 16"], rows))
-    tables["batch16"] = against_cached_ar(state, per_image)
-    sections.append(batch16_section(tables["batch16"]))
+    return json_rows, ("## Table 6: rounds T\n\nThe plateau models of Table 3, seed 0.\n\n" +
+                       markdown(["model", "T", "seen", "novel", "all", "s/image, batch 1", "s/image, batch 16"], rows))
+
+
+def table5_section(state: dict, s: Settings) -> tuple[dict, str]:
     rows, json_rows = [], []
     for tower, names in (("random", ("v1-s0", "ar-s0")), ("CLIP-style, contrastive", ("v1-clip", "ar-clip")),
                          ("BERT, masked-language modelling", ("v1-bert", "ar-bert"))):
@@ -533,36 +578,12 @@ def report(s: Settings, models=MODELS) -> str:
             json_rows.append({"tower": tower, "model": label, **r, "second_half": flat, "plateau_step": acc["step"],
                               **cost})
     towers = {name: read_json(s.runs / "towers" / f"{name}.json") for name in TOWERS}
-    tables["table5"] = {"rows": json_rows, "towers": towers}
     pretraining = "; ".join(f"{name}: {tidy(t['report'])}" for name, t in towers.items() if t) or "not pretrained yet"
-    sections.append("## Table 5: the text tower\n\nThe same 3-layer, width-128 text tower, initialised three ways "
-                    "(the random row is Table 3's seed 0), then trained with the decoder. T = 16 for #1; \"second "
-                    "half\" as in Table 3.\n\n" +
-                    markdown(["text tower", "model", "seen", "novel", "all", "second half", "plateau step",
-                              "CPU-minutes"], rows) +
-                    f"\n\nPretraining (`clip_image.py train-shapes --text-size emage`, `bert_text.py train-shapes`): "
-                    f"{pretraining}.")
-
-    ran = [[m.name, "; ".join(run_cost(s.runs / m.name)["ran"]) or "not started"] for m in models]
-    sections.append("## When each part ran\n\n" + markdown(["run", "training segments"], ran) +
-                    (f"\n\nLatency measured {latency['measured']} ({latency['repeats']} repeats, medians, "
-                     f"interleaved, nothing else running)." if latency else ""))
-    s.out.mkdir(parents=True, exist_ok=True)
-    for name, value in tables.items():
-        write_json(s.out / f"{name}.json", value)
-    draw_curves(s, models)
-    pictured = draw_samples(s, models)
-    text = ("# The paper's experiments at their plateau\n\nWritten by `python benchmarks/paper_experiments.py all`; "
-            "see docs/results.md for the reading of these numbers.\n\n" + "\n\n".join(sections) +
-            "\n\n## Learning curves\n\nTable 3's runs:\n\n![accuracy against step](curves_step.png)\n\n"
-            "![accuracy against training FLOPs](curves_flops.png)\n\nSection 4.7's cosine-trained #3 and Table 5's "
-            "pretrained towers, beside the seed-0 runs they are compared with:\n\n"
-            "![accuracy against step, Section 4.7 and Table 5](curves_towers.png)\n" +
-            ("\n## What the plateau models draw\n\nOne image per caption (seed 0, T = 16, temperature 0.7); a green "
-             "frame passed `shapes.score`, a red one failed.\n\n![samples of every plateau model](samples.png)\n"
-             if pictured else ""))
-    write_text(s.out / "tables.md", text)
-    return text
+    return {"rows": json_rows, "towers": towers}, (
+        "## Table 5: the text tower\n\nThe same 3-layer, width-128 text tower, initialised three ways (the random "
+        "row is Table 3's seed 0), then trained with the decoder. T = 16 for #1; \"second half\" as in Table 3.\n\n" +
+        markdown(["text tower", "model", "seen", "novel", "all", "second half", "plateau step", "CPU-minutes"], rows) +
+        f"\n\nPretraining (`clip_image.py train-shapes --text-size emage`, `bert_text.py train-shapes`): {pretraining}.")
 
 
 def seed_cell(m: Model) -> str:
@@ -689,10 +710,11 @@ def batch16_section(result: dict) -> str:
             markdown(["T", "#3 accuracy", "minus AR ± SE", "as accurate", "s/image, batch 16", "speed-up"], rows))
 
 
-def draw_curves(s: Settings, models=MODELS) -> None:
+def draw_curves(s: Settings, models=MODELS) -> set[str]:
     """Accuracy of the training evaluations: curves.json; Table 3's runs against step and against
     training FLOPs; Section 4.7's and Table 5's runs against step beside their seed-0 references
-    (one plot of thirteen lines would hide them all)."""
+    (one plot of thirteen lines would hide them all). Returns the pictures drawn: those with a
+    run to show."""
     series_step, series_flops, data = {}, {}, {}
     for m in models:
         curve = [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
@@ -709,9 +731,13 @@ def draw_curves(s: Settings, models=MODELS) -> None:
     table3 = lambda series: {k: v for k, v in series.items() if in_table3(by_label[k[0]])}  # noqa: E731
     others = {k: v for k, v in series_step.items() if not in_table3(by_label[k[0]])
               or (by_label[k[0]].seed == 0 and by_label[k[0]].variant in ("1", "3", "ar"))}
-    paper_figures.line_plot(table3(series_step), "training step", s.out / "curves_step.png")
-    paper_figures.line_plot(table3(series_flops), "training FLOPs", s.out / "curves_flops.png")
-    paper_figures.line_plot(others, "training step", s.out / "curves_towers.png")
+    pictures = {"curves_step.png": (table3(series_step), "training step"),
+                "curves_flops.png": (table3(series_flops), "training FLOPs"),
+                "curves_towers.png": (others if any(not in_table3(by_label[k[0]]) for k in others) else {}, "training step")}
+    for name, (series, axis) in pictures.items():
+        if series:
+            paper_figures.line_plot(series, axis, s.out / name)
+    return {name for name, (series, _) in pictures.items() if series}
 
 
 def draw_samples(s: Settings, models=MODELS) -> bool:

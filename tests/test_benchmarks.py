@@ -205,6 +205,8 @@ def test_paper_suite_smoke_trains_evaluates_reports_and_resumes_without_retraini
     assert paper_experiments.main(["latency", "--smoke", "--only", "v3-s0", "--runs", str(runs), "--out", str(out)]) == 0
     timed = json.loads((out / "latency.json").read_text())["seconds_per_image"]
     assert sorted(timed) == ["v3-s0"] and len(timed["v3-s0"]) == 12  # batch 1 and 16 x Table 6's rounds
+    only = (out / "tables.md").read_text()  # --only v3-s0: the tables of the other runs are left out
+    assert "## Table 6" in only and "## Table 5" not in only and "curves_step.png" in only and "curves_towers" not in only
 
 
 def test_frontier_times_evaluated_settings_and_chooses_the_fastest_within_one_se(tmp_path, capsys):
