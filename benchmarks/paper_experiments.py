@@ -14,7 +14,9 @@ Tables (docs/paper/tables.md, each also as JSON):
   (train.py sets `colours` from that tokenizer). Seen and novel accuracy at T = 16, one
   candidate, no re-ranking, with standard errors; latency per image at batch 1 and 16; the
   steps and CPU-seconds the plateau cost. #1, #3 and AR are trained with two seeds, and
-  the gaps between them are compared seed by seed.
+  the gaps between them are compared seed by seed. The two seed-1 runs the rule stopped
+  before the cap are also trained to it (v1-s1-cap, ar-s1-cap), and every Table 3 run is read
+  over the same step windows (matched.json: where the rule stopped a run does not enter).
 - Section 4.7: linear against cosine masking, in training and at inference.
 - Table 6: T in {1, 2, 4, 8, 16, 32} for the plateau #3 and #1 models, timed at batch 1 and
   16; and #3 at each T against the cached autoregressive loop at batch 16: is any T as
@@ -22,7 +24,7 @@ Tables (docs/paper/tables.md, each also as JSON):
 - Table 5: #1 and AR with the text tower initialised randomly, from a CLIP-style tower trained
   contrastively on shapes pairs, or from a BERT trained by masked-language modelling on shapes captions.
 - Learning curves: accuracy against step and against training FLOPs (curves_step.png,
-  curves_flops.png).
+  curves_flops.png; Section 4.7's and Table 5's runs in curves_towers.png).
 - What the plateau models draw: one image each for eight two-object captions (samples.png).
 
 Every model of a table shares the tokenizer, model size, data, optimizer and stopping rule:
