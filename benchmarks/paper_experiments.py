@@ -64,6 +64,7 @@ from benchmarks import paper_figures  # noqa: E402
 RUNS = ROOT / "runs" / "paper"
 OUT = ROOT / "docs" / "paper"
 T6_ROUNDS = (1, 2, 4, 8, 16, 32)
+FEWEST_STEPS, CAP_STEPS = 8000, 16000  # the stopping rule's bounds for every model of the suite
 TEMPERATURE = 0.7  # sample.py's default, for every model and table
 
 
@@ -140,8 +141,8 @@ class Settings:
             budget = ["--steps", "6", "--eval-every", "2", "--until-plateau", "2", "--eval-captions", "8",
                       "--shapes-examples", "96", "--shapes-cache", str(self.runs / "tokens")]
         else:
-            budget = ["--steps", "16000", "--eval-every", "500", "--until-plateau", "16000" if model.to_cap else "8000",
-                      "--eval-captions", "240",
+            fewest = CAP_STEPS if model.to_cap else FEWEST_STEPS
+            budget = ["--steps", str(CAP_STEPS), "--eval-every", "500", "--until-plateau", str(fewest), "--eval-captions", "240",
                       "--shapes-examples", "60000", "--shapes-cache", str(ROOT / "data" / "shapes-patterns-60k")]
         return ["--recipe", "none", "--variant", model.variant, "--seed", str(model.seed), "--batch-size", "32",
                 "--lr", "1e-3", "--lr-schedule", "constant", "--eval-temperature", str(TEMPERATURE), "--keep", "2",
@@ -170,6 +171,11 @@ def metrics(run: Path) -> list[dict]:
         except ValueError:
             continue
     return records
+
+
+def curve(run: Path) -> list[tuple[int, float]]:
+    """(step, accuracy on all evaluation captions) of every training evaluation of a run."""
+    return [(r["step"], r["accuracy_all"]) for r in metrics(run) if "accuracy_all" in r]
 
 
 def trained(run: Path) -> int | None:
@@ -465,16 +471,17 @@ def report(s: Settings, models=MODELS) -> str:
 
     if any(in_table3(m) for m in models):
         add("table3", table3_section(models, state, per_image, s))
-        add("matched", (lambda result: (result, matched_section(result)))(matched_steps(
-            {m.run_label: [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
-             for m in models if in_table3(m) and state[m.name] is not None})))
+        matched = matched_steps({m.run_label: curve(s.runs / m.name) for m in models
+                                 if in_table3(m) and state[m.name] is not None})
+        add("matched", (matched, matched_section(matched)))
     if names & {"v1-s1", "v3-s1", "ar-s1"}:
         add("seeds", seeds_section(state, s))
     if names & {"v3-s0", "v3-cosine-s0"}:
         add("schedules", schedules_section(state))
     if names & {"v3-s0", "v1-s0"}:
         add("table6", table6_section(state, per_image))
-        add("batch16", (lambda result: (result, batch16_section(result)))(against_cached_ar(state, per_image)))
+        batch16 = against_cached_ar(state, per_image)
+        add("batch16", (batch16, batch16_section(batch16)))
     if any(m.tower for m in models):
         add("table5", table5_section(state, s))
 
@@ -669,8 +676,8 @@ def matched_from_files(paths: list[Path], s: Settings) -> str:
     s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "matched.json", result)
     write_text(s.out / "matched.md", text)
-    paper_figures.line_plot({(label, *paper_figures.curve_style(by_label[label].variant, run_kind(by_label[label]))):
-                             curves[label] for label in result}, "training step", s.out / "matched_curves.png")
+    paper_figures.line_plot({plot_key(by_label[label]): curves[label] for label in result}, "training step",
+                            s.out / "matched_curves.png")
     return text
 
 
@@ -719,15 +726,15 @@ def draw_curves(s: Settings, models=MODELS) -> set[str]:
     run to show."""
     series_step, series_flops, data = {}, {}, {}
     for m in models:
-        curve = [(r["step"], r["accuracy_all"]) for r in metrics(s.runs / m.name) if "accuracy_all" in r]
-        if not curve:
+        points = curve(s.runs / m.name)
+        if not points:
             continue
         flops = (read_json(s.runs / m.name / "accuracy.json") or {}).get("train_flops_per_step")
-        key = (m.run_label, *paper_figures.curve_style(m.variant, run_kind(m)))
-        series_step[key] = curve
+        key = plot_key(m)
+        series_step[key] = points
         if flops:
-            series_flops[key] = [(x * flops, y) for x, y in curve]
-        data[m.run_label] = {"step_accuracy": curve, "train_flops_per_step": flops}
+            series_flops[key] = [(x * flops, y) for x, y in points]
+        data[m.run_label] = {"step_accuracy": points, "train_flops_per_step": flops}
     write_json(s.out / "curves.json", data)
     by_label = {m.run_label: m for m in models}
     table3 = lambda series: {k: v for k, v in series.items() if in_table3(by_label[k[0]])}  # noqa: E731
@@ -763,6 +770,11 @@ def draw_samples(s: Settings, models=MODELS) -> bool:
 def run_kind(m: Model) -> str:
     """What sets a run apart within its variant, for its curve's style (paper_figures.STYLES)."""
     return m.tower or ("cosine" if "cosine" in m.name else "to the cap" if m.to_cap else f"seed {m.seed}")
+
+
+def plot_key(m: Model) -> tuple:
+    """A run's line in paper_figures.line_plot: (label, colour, dash)."""
+    return (m.run_label, *paper_figures.curve_style(m.variant, run_kind(m)))
 
 
 def in_table3(m: Model) -> bool:
